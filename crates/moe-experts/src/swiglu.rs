@@ -1,0 +1,50 @@
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::tensor::{Tensor, activation::silu, backend::Backend};
+
+/// A bias-free SwiGLU MLP, `down(silu(x gate) * (x up))`: DeepSeek's dense MLP and its shared
+/// experts (S experts of width h are one SwiGlu of width S*h).
+#[derive(Config, Debug)]
+pub struct SwiGluConfig {
+    /// Input and output width.
+    pub d_model: usize,
+    /// Hidden width.
+    pub hidden: usize,
+}
+
+/// See [`SwiGluConfig`].
+#[derive(Module, Debug)]
+pub struct SwiGlu<B: Backend> {
+    /// `[d, hidden]`.
+    pub gate: Param<Tensor<B, 2>>,
+    /// `[d, hidden]`.
+    pub up: Param<Tensor<B, 2>>,
+    /// `[hidden, d]`.
+    pub down: Param<Tensor<B, 2>>,
+}
+
+impl SwiGluConfig {
+    /// A randomly initialised MLP (Kaiming-uniform on fan-in, as burn's `Linear`).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> SwiGlu<B> {
+        let (d, h) = (self.d_model, self.hidden);
+        SwiGlu {
+            gate: fan_in_uniform().init_with([d, h], Some(d), Some(h), device),
+            up: fan_in_uniform().init_with([d, h], Some(d), Some(h), device),
+            down: fan_in_uniform().init_with([h, d], Some(h), Some(d), device),
+        }
+    }
+}
+
+pub(crate) fn fan_in_uniform() -> Initializer {
+    Initializer::KaimingUniform { gain: 1.0 / 3f64.sqrt(), fan_out_only: false }
+}
+
+impl<B: Backend> SwiGlu<B> {
+    /// `x` `[T, d]` -> `[T, d]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let g = x.clone().matmul(self.gate.val());
+        let u = x.matmul(self.up.val());
+        (silu(g) * u).matmul(self.down.val())
+    }
+}

@@ -1,0 +1,25 @@
+use thiserror::Error;
+
+/// An input the kernels cannot dispatch.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum KernelError {
+    /// An expert id outside `0..num_experts`.
+    #[error("expert id {id} is out of range: expected 0..{num_experts}")]
+    ExpertIdOutOfRange {
+        /// The offending id.
+        id: i64,
+        /// The number of experts.
+        num_experts: usize,
+    },
+    /// `num_experts` was zero.
+    #[error("num_experts must be at least 1, got 0")]
+    NoExperts,
+    /// The priority tensor's shape differs from the expert ids'.
+    #[error("priority shape {priority:?} differs from expert_ids shape {ids:?}")]
+    PriorityShape {
+        /// Shape of the priority tensor.
+        priority: [usize; 2],
+        /// Shape of the expert ids.
+        ids: [usize; 2],
+    },
+}

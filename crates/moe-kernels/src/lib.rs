@@ -1,0 +1,92 @@
+//! The MoE operations a burn backend may specialise, with a portable default.
+//!
+//! Model code (`moe-experts`) never calls burn matmuls on expert segments directly; it goes
+//! through [`MoeBackend`], whose every method has a portable default built from burn tensor ops.
+//! That default runs on every backend and under `Autodiff`. A backend with its own kernels
+//! (a CubeCL grouped GEMM, say) overrides the methods and keeps the same [`DispatchPlan`]
+//! contract, so model code does not change.
+//!
+//! The data path is: [`MoeBackend::moe_plan`] (sort the (token, slot) pairs by expert),
+//! [`MoeBackend::moe_permute`] (gather token rows into the dispatch layout),
+//! [`MoeBackend::moe_grouped_matmul`] (one matmul per expert segment),
+//! [`MoeBackend::moe_combine`] (weighted sum of each token's K expert outputs).
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Int, Tensor};
+//! use moe_kernels::{CapacityLimit, MoeBackend};
+//!
+//! type B = NdArray;
+//! let device = Default::default();
+//! // 3 tokens, top-2 over 4 experts.
+//! let ids = Tensor::<B, 2, Int>::from_ints([[0, 2], [2, 3], [0, 1]], &device);
+//! let plan = B::moe_plan(ids, None, 4, CapacityLimit::Dropless).unwrap();
+//! assert_eq!(plan.counts(), &[2, 1, 2, 1]);
+//! assert_eq!(plan.dropped(), 0);
+//!
+//! let x = Tensor::<B, 2>::ones([3, 8], &device);
+//! let w = Tensor::<B, 3>::ones([4, 8, 5], &device);
+//! let rows = B::moe_permute(x, &plan);
+//! let y = B::moe_grouped_matmul(rows, w, &plan);
+//! let weights = Tensor::<B, 2>::full([3, 2], 0.5, &device);
+//! let out = B::moe_combine(y, weights, &plan);
+//! assert_eq!(out.dims(), [3, 5]);
+//! // every token: 0.5 * 8 + 0.5 * 8
+//! out.into_data().assert_eq(&Tensor::<B, 2>::full([3, 5], 8.0, &device).into_data(), true);
+//! ```
+
+mod backends;
+mod error;
+mod plan;
+pub mod portable;
+
+pub use error::KernelError;
+pub use plan::{CapacityLimit, DispatchPlan};
+
+use burn::tensor::{Int, Tensor, backend::Backend};
+
+/// The MoE operations a backend may specialise. Every method has a portable default.
+///
+/// Shapes: `T` tokens, `K` experts per token, `E` experts, `N = T * K` (token, slot) pairs.
+/// "Rows" are the dispatch layout chosen by [`MoeBackend::moe_plan`]; only the methods of
+/// the same backend read them, so a backend may pick any layout (the default pads each
+/// expert's segment to a common capacity).
+pub trait MoeBackend: Backend {
+    /// Plans the dispatch of `expert_ids` `[T, K]`: sorts the pairs by expert, counts them,
+    /// and, under a [`CapacityLimit`], decides which pairs are dropped. `priority` `[T, K]`
+    /// orders pairs inside an expert when dropping (higher kept first); `None` keeps the
+    /// earlier token. Reads the per-expert counts to the host: the one host sync of a layer.
+    fn moe_plan(
+        expert_ids: Tensor<Self, 2, Int>,
+        priority: Option<Tensor<Self, 2>>,
+        num_experts: usize,
+        limit: CapacityLimit,
+    ) -> Result<DispatchPlan<Self>, KernelError> {
+        portable::plan(expert_ids, priority, num_experts, limit)
+    }
+
+    /// Gathers token rows `x` `[T, d]` into the plan's dispatch layout.
+    fn moe_permute(x: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
+        portable::permute(x, plan)
+    }
+
+    /// Multiplies each expert's segment of `rows` `[rows, a]` by that expert's matrix
+    /// `weights[e]` (`weights`: `[E, a, b]`); returns rows `[rows, b]` in the same layout.
+    fn moe_grouped_matmul(
+        rows: Tensor<Self, 2>,
+        weights: Tensor<Self, 3>,
+        plan: &DispatchPlan<Self>,
+    ) -> Tensor<Self, 2> {
+        portable::grouped_matmul(rows, weights, plan)
+    }
+
+    /// Returns `out[t] = sum_k weights[t, k] * rows[row of (t, k)]`, `[T, d]`; a dropped
+    /// pair contributes zero.
+    fn moe_combine(
+        rows: Tensor<Self, 2>,
+        weights: Tensor<Self, 2>,
+        plan: &DispatchPlan<Self>,
+    ) -> Tensor<Self, 2> {
+        portable::combine(rows, weights, plan)
+    }
+}

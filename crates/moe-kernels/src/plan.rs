@@ -1,0 +1,86 @@
+use burn::tensor::{Int, Tensor, backend::Backend};
+
+/// How many (token, slot) pairs one expert may take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CapacityLimit {
+    /// Every pair is kept: the default, as in DeepSeek-V3.
+    Dropless,
+    /// At most `ceil(factor * N / E)` pairs per expert (GShard/Switch capacity factor);
+    /// the rest are dropped and counted.
+    Factor(f64),
+}
+
+impl CapacityLimit {
+    /// The per-expert limit for `pairs` pairs over `num_experts` experts, or `None` when
+    /// dropless.
+    pub fn rows_per_expert(self, pairs: usize, num_experts: usize) -> Option<usize> {
+        match self {
+            Self::Dropless => None,
+            Self::Factor(f) => Some((f * pairs as f64 / num_experts as f64).ceil().max(0.0) as usize),
+        }
+    }
+}
+
+/// Where every (token, slot) pair goes in the dispatch layout, made by
+/// [`crate::MoeBackend::moe_plan`].
+///
+/// The portable layout pads each expert's segment to `capacity` rows: expert `e` owns rows
+/// `e * capacity .. (e + 1) * capacity`, and row `E * capacity` is a zero row that dropped
+/// pairs point at.
+#[derive(Debug, Clone)]
+pub struct DispatchPlan<B: Backend> {
+    pub(crate) tokens: usize,
+    pub(crate) top_k: usize,
+    pub(crate) num_experts: usize,
+    pub(crate) capacity: usize,
+    /// `[N]`: the dispatch row of each pair, token-major (`pair = t * K + k`).
+    pub(crate) row_of_pair: Tensor<B, 1, Int>,
+    /// `[E * capacity]`: 1 + the token each row reads, 0 for padding.
+    pub(crate) source_of_row: Tensor<B, 1, Int>,
+    /// `[E]` on the device: pairs routed to each expert, before drops.
+    pub(crate) counts_device: Tensor<B, 1, Int>,
+    pub(crate) counts: Vec<usize>,
+    pub(crate) dropped: usize,
+}
+
+impl<B: Backend> DispatchPlan<B> {
+    /// Pairs routed to each expert, before any drop (host copy).
+    pub fn counts(&self) -> &[usize] {
+        &self.counts
+    }
+
+    /// Pairs routed to each expert, before any drop, on the device.
+    pub fn counts_device(&self) -> Tensor<B, 1, Int> {
+        self.counts_device.clone()
+    }
+
+    /// Pairs dropped by the capacity limit.
+    pub fn dropped(&self) -> usize {
+        self.dropped
+    }
+
+    /// Rows each expert's segment holds in the padded layout.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Tokens `T` of the planned batch.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Experts per token `K`.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// `[N]` dispatch row of each (token, slot) pair, token-major.
+    pub fn row_of_pair(&self) -> Tensor<B, 1, Int> {
+        self.row_of_pair.clone()
+    }
+}

@@ -1,0 +1,225 @@
+//! The portable implementation of [`crate::MoeBackend`]: burn tensor ops only, so it runs on
+//! every backend and differentiates under `Autodiff`.
+//!
+//! Layout: each expert's segment is padded to the largest segment (`capacity` rows), so the
+//! grouped matmul is one batched matmul `[E, C, a] x [E, a, b]`. Padding costs
+//! `E * C - N` rows of compute, i.e. the batch's MaxVio; with balanced routing that is small.
+
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, backend::Backend};
+
+use crate::{CapacityLimit, DispatchPlan, KernelError};
+
+/// See [`crate::MoeBackend::moe_plan`].
+pub fn plan<B: Backend>(
+    expert_ids: Tensor<B, 2, Int>,
+    priority: Option<Tensor<B, 2>>,
+    num_experts: usize,
+    limit: CapacityLimit,
+) -> Result<DispatchPlan<B>, KernelError> {
+    if num_experts == 0 {
+        return Err(KernelError::NoExperts);
+    }
+    let [tokens, top_k] = expert_ids.dims();
+    if let Some(p) = &priority
+        && p.dims() != [tokens, top_k]
+    {
+        return Err(KernelError::PriorityShape { priority: p.dims(), ids: [tokens, top_k] });
+    }
+    let device = expert_ids.device();
+    let pairs = tokens * top_k;
+    if pairs == 0 {
+        let zeros = Tensor::<B, 1, Int>::zeros([num_experts], &device);
+        return Ok(DispatchPlan {
+            tokens,
+            top_k,
+            num_experts,
+            capacity: 1,
+            row_of_pair: Tensor::zeros([0], &device),
+            source_of_row: zeros.clone(),
+            counts_device: zeros,
+            counts: vec![0; num_experts],
+            dropped: 0,
+        });
+    }
+
+    let flat = expert_ids.reshape([pairs]);
+    // Clamped so that a bad id can never index out of bounds before it is reported.
+    let clamped = flat.clone().clamp(0, num_experts as i64 - 1);
+    let counts_device = Tensor::<B, 1, Int>::zeros([num_experts], &device).scatter(
+        0,
+        clamped.clone(),
+        Tensor::ones([pairs], &device),
+        IndexingUpdateOp::Add,
+    );
+    // The one host sync: counts size the padded layout; min/max validate the ids on the way.
+    let host: Vec<i64> = Tensor::cat(
+        vec![counts_device.clone(), flat.clone().min(), flat.max()],
+        0,
+    )
+    .into_data()
+    .iter::<i64>()
+    .collect();
+    let (min_id, max_id) = (host[num_experts], host[num_experts + 1]);
+    if min_id < 0 {
+        return Err(KernelError::ExpertIdOutOfRange { id: min_id, num_experts });
+    }
+    if max_id >= num_experts as i64 {
+        return Err(KernelError::ExpertIdOutOfRange { id: max_id, num_experts });
+    }
+    let counts: Vec<usize> = host[..num_experts].iter().map(|&c| c as usize).collect();
+    let largest = counts.iter().copied().max().unwrap_or(0);
+    let kept_per_expert = limit.rows_per_expert(pairs, num_experts).map_or(largest, |l| l.min(largest));
+    let dropped = counts.iter().map(|&c| c.saturating_sub(kept_per_expert)).sum();
+    // At least one row per expert keeps every shape non-empty.
+    let capacity = kept_per_expert.max(1);
+
+    let pair_index = Tensor::<B, 1, Int>::arange(0..pairs as i64, &device);
+    // Inside an expert, pairs keep token order unless a priority says otherwise. Sort keys
+    // are unique (expert * N + order), so the unstable sort is deterministic.
+    let order = match priority {
+        None => pair_index.clone(),
+        Some(p) => inverse_permutation(p.reshape([pairs]).argsort_descending(0), &pair_index),
+    };
+    let key = clamped.clone().mul_scalar(pairs as i64).add(order);
+    let sorted = key.argsort(0);
+    let sorted_expert = clamped.clone().select(0, sorted.clone());
+    let segment_start = counts_device.clone().cumsum(0).sub(counts_device.clone());
+    let rank_sorted = pair_index.clone().sub(segment_start.select(0, sorted_expert));
+    let rank = inverse_scatter(sorted, rank_sorted, pairs);
+
+    let drop_row = (num_experts * capacity) as i64;
+    let kept = rank.clone().lower_elem(kept_per_expert as i64);
+    let row_of_pair = clamped
+        .mul_scalar(capacity as i64)
+        .add(rank)
+        .mask_fill(kept.bool_not(), drop_row);
+    let token_plus_one = pair_index.div_scalar(top_k as i64).add_scalar(1);
+    let source_of_row = Tensor::<B, 1, Int>::zeros([num_experts * capacity + 1], &device)
+        .scatter(0, row_of_pair.clone(), token_plus_one, IndexingUpdateOp::Add)
+        .narrow(0, 0, num_experts * capacity);
+
+    Ok(DispatchPlan {
+        tokens,
+        top_k,
+        num_experts,
+        capacity,
+        row_of_pair,
+        source_of_row,
+        counts_device,
+        counts,
+        dropped,
+    })
+}
+
+/// `out[perm[i]] = values[i]` for a permutation `perm` (unique indices, so the add is exact).
+fn inverse_scatter<B: Backend>(
+    perm: Tensor<B, 1, Int>,
+    values: Tensor<B, 1, Int>,
+    len: usize,
+) -> Tensor<B, 1, Int> {
+    Tensor::zeros([len], &values.device()).scatter(0, perm, values, IndexingUpdateOp::Add)
+}
+
+/// Position of each element in the order `perm` lists them.
+fn inverse_permutation<B: Backend>(
+    perm: Tensor<B, 1, Int>,
+    arange: &Tensor<B, 1, Int>,
+) -> Tensor<B, 1, Int> {
+    let len = arange.dims()[0];
+    inverse_scatter(perm, arange.clone(), len)
+}
+
+/// See [`crate::MoeBackend::moe_permute`].
+pub fn permute<B: Backend>(x: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
+    let [_, d] = x.dims();
+    // Row 0 of the extended input is the zero row that padding reads.
+    let extended = Tensor::cat(vec![Tensor::zeros([1, d], &x.device()), x], 0);
+    extended.select(0, plan.source_of_row.clone())
+}
+
+/// See [`crate::MoeBackend::moe_grouped_matmul`].
+pub fn grouped_matmul<B: Backend>(
+    rows: Tensor<B, 2>,
+    weights: Tensor<B, 3>,
+    plan: &DispatchPlan<B>,
+) -> Tensor<B, 2> {
+    let [e, a, b] = weights.dims();
+    let c = plan.capacity;
+    rows.reshape([e, c, a]).matmul(weights).reshape([e * c, b])
+}
+
+/// See [`crate::MoeBackend::moe_combine`].
+pub fn combine<B: Backend>(
+    rows: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    plan: &DispatchPlan<B>,
+) -> Tensor<B, 2> {
+    let [_, d] = rows.dims();
+    let (t, k) = (plan.tokens, plan.top_k);
+    if t * k == 0 {
+        return Tensor::zeros([t, d], &rows.device());
+    }
+    // Gathering each pair's row and summing over K is the scatter-add of the combine written
+    // as a gather: deterministic on every backend (no atomics) and its gradient is a gather too.
+    let extended = Tensor::cat(vec![rows.clone(), Tensor::zeros([1, d], &rows.device())], 0);
+    let picked = extended.select(0, plan.row_of_pair.clone()).reshape([t, k, d]);
+    let weights = weights.cast(picked.dtype()).reshape([t, k, 1]);
+    picked.mul(weights).sum_dim(1).reshape([t, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray;
+
+    fn ids(rows: &[[i64; 2]]) -> Tensor<B, 2, Int> {
+        let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+        Tensor::<B, 1, Int>::from_ints(flat.as_slice(), &Default::default()).reshape([rows.len(), 2])
+    }
+
+    fn rows_of(plan: &DispatchPlan<B>) -> Vec<i64> {
+        plan.row_of_pair.to_data().iter::<i64>().collect()
+    }
+
+    #[test]
+    fn rows_follow_token_order_inside_each_expert() {
+        let plan = plan::<B>(ids(&[[1, 0], [1, 2], [0, 1]]), None, 3, CapacityLimit::Dropless).unwrap();
+        assert_eq!(plan.counts(), &[2, 3, 1]);
+        assert_eq!(plan.capacity(), 3);
+        // expert e owns rows 3e..3e+3; pairs in token order: (0,1)->e1 r0, (0,0)->e0 r0, ...
+        assert_eq!(rows_of(&plan), vec![3, 0, 4, 6, 1, 5]);
+    }
+
+    #[test]
+    fn capacity_by_position_drops_later_tokens() {
+        let ids = ids(&[[0, 1], [0, 1], [0, 2]]);
+        let plan = plan::<B>(ids, None, 3, CapacityLimit::Factor(1.0)).unwrap();
+        // 6 pairs / 3 experts -> 2 rows each; the third token's expert-0 pair is dropped.
+        assert_eq!(plan.capacity(), 2);
+        assert_eq!(plan.dropped(), 1);
+        assert_eq!(rows_of(&plan), vec![0, 2, 1, 3, 6, 4]);
+    }
+
+    #[test]
+    fn capacity_by_priority_drops_the_weakest_pair() {
+        let ids = ids(&[[0, 1], [0, 1], [0, 2]]);
+        let device = Default::default();
+        let prio = Tensor::<B, 2>::from_floats([[0.1, 0.5], [0.9, 0.5], [0.8, 0.4]], &device);
+        let plan = plan::<B>(ids, Some(prio), 3, CapacityLimit::Factor(1.0)).unwrap();
+        assert_eq!(plan.dropped(), 1);
+        // Expert 0 keeps tokens 1 (0.9) then 2 (0.8); token 0 (0.1) goes to the drop row 6.
+        assert_eq!(rows_of(&plan)[0], 6);
+        assert_eq!(rows_of(&plan)[2], 0);
+        assert_eq!(rows_of(&plan)[4], 1);
+    }
+
+    #[test]
+    fn out_of_range_id_is_a_typed_error() {
+        let err = plan::<B>(ids(&[[0, 5]]), None, 4, CapacityLimit::Dropless).unwrap_err();
+        assert_eq!(err, KernelError::ExpertIdOutOfRange { id: 5, num_experts: 4 });
+        let err = plan::<B>(ids(&[[-1, 0]]), None, 4, CapacityLimit::Dropless).unwrap_err();
+        assert_eq!(err, KernelError::ExpertIdOutOfRange { id: -1, num_experts: 4 });
+    }
+}

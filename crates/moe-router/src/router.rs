@@ -1,0 +1,123 @@
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::tensor::{FloatDType, Int, Tensor, activation, backend::Backend};
+
+use crate::select::{mask_groups, top_k_lowest_id};
+use crate::{RouterConfig, RouterConfigError, ScoreFunction};
+
+/// DeepSeek-V3's gate: affinities, bias-steered top-K selection, weights from unbiased scores.
+#[derive(Module, Debug)]
+pub struct TopKRouter<B: Backend> {
+    /// `[E, d]`, f32 (HF `mlp.gate.weight` layout).
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[E]`, f32: steers selection only; never trained by autodiff (HF
+    /// `e_score_correction_bias`).
+    pub bias: Param<Tensor<B, 1>>,
+    top_k: usize,
+    num_groups: usize,
+    topk_groups: usize,
+    group_score_topk: usize,
+    normalize_weights: bool,
+    route_scale: f64,
+    #[module(skip)]
+    score_function: ScoreFunction,
+}
+
+/// What the router decided for a batch of `T` tokens.
+#[derive(Debug, Clone)]
+pub struct Routing<B: Backend> {
+    /// `[T, K]` chosen experts, best first.
+    pub expert_ids: Tensor<B, 2, Int>,
+    /// `[T, K]` f32 weights of the chosen experts (from the unbiased scores).
+    pub weights: Tensor<B, 2>,
+    /// `[T, E]` f32 unbiased affinities `s`: what balance losses need.
+    pub scores: Tensor<B, 2>,
+    /// `[T, E]` f32 logits `x . e_i`: what the z-loss needs.
+    pub logits: Tensor<B, 2>,
+    /// `[E]` tokens routed to each expert in this batch.
+    pub counts: Tensor<B, 1, Int>,
+}
+
+impl RouterConfig {
+    /// Validates the configuration and builds a router with a zero bias.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<TopKRouter<B>, RouterConfigError> {
+        self.validate()?;
+        let weight = Initializer::KaimingUniform { gain: 1.0 / 3f64.sqrt(), fan_out_only: false }
+            .init_with([self.num_experts, self.d_model], Some(self.d_model), Some(self.num_experts), device)
+            .map(|w| w.cast(FloatDType::F32));
+        let bias = Param::from_tensor(Tensor::<B, 1>::zeros([self.num_experts], device).cast(FloatDType::F32))
+            .set_require_grad(false);
+        Ok(TopKRouter {
+            weight,
+            bias,
+            top_k: self.top_k,
+            num_groups: self.num_groups,
+            topk_groups: self.topk_groups,
+            group_score_topk: self.group_score_topk,
+            normalize_weights: self.normalize_weights,
+            route_scale: self.route_scale,
+            score_function: self.score_function,
+        })
+    }
+}
+
+impl<B: Backend> TopKRouter<B> {
+    /// Routes `x` `[T, d]` (any float dtype; the math runs in f32).
+    pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
+        let logits = x
+            .cast(FloatDType::F32)
+            .matmul(self.weight.val().cast(FloatDType::F32).transpose());
+        let scores = match self.score_function {
+            ScoreFunction::Sigmoid => activation::sigmoid(logits.clone()),
+            ScoreFunction::Softmax => activation::softmax(logits.clone(), 1),
+        };
+        let [tokens, experts] = scores.dims();
+        // Selection is discrete: it sees the bias and carries no gradient.
+        let mut choice = scores.clone().detach()
+            + self.bias.val().detach().cast(FloatDType::F32).reshape([1, experts]);
+        if self.num_groups > 1 {
+            choice = mask_groups(choice, self.num_groups, self.topk_groups, self.group_score_topk);
+        }
+        let expert_ids = top_k_lowest_id(choice, self.top_k);
+        let mut weights = scores.clone().gather(1, expert_ids.clone());
+        if self.normalize_weights {
+            // 1e-20 as in the reference: keeps an all-zero row finite.
+            let total = weights.clone().sum_dim(1).add_scalar(1e-20);
+            weights = weights.div(total);
+        }
+        let weights = weights.mul_scalar(self.route_scale);
+        let counts = Tensor::<B, 1, Int>::zeros([experts], &expert_ids.device()).scatter(
+            0,
+            expert_ids.clone().reshape([tokens * self.top_k]),
+            Tensor::ones([tokens * self.top_k], &expert_ids.device()),
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        Routing { expert_ids, weights, scores, logits, counts }
+    }
+
+    /// The selection bias `[E]` (f32).
+    pub fn bias(&self) -> Tensor<B, 1> {
+        self.bias.val()
+    }
+
+    /// Adds `delta` `[E]` to the selection bias: the load-balancer's update.
+    pub fn add_to_bias(&mut self, delta: Tensor<B, 1>) {
+        let delta = delta.cast(FloatDType::F32).detach();
+        self.bias = self.bias.clone().map(|b| (b + delta).detach()).set_require_grad(false);
+    }
+
+    /// Experts chosen per token.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Routed experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.bias.dims()[0]
+    }
+
+    /// Groups `G` and groups kept per token.
+    pub fn groups(&self) -> (usize, usize) {
+        (self.num_groups, self.topk_groups)
+    }
+}
