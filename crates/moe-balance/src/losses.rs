@@ -4,15 +4,13 @@
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, backend::Backend};
 
 /// `[rows, E]` 0/1 mask of the experts each row chose.
-fn chosen_mask<B: Backend>(expert_ids: Tensor<B, 2, Int>, num_experts: usize) -> Tensor<B, 2> {
+fn chosen_mask<B: Backend>(expert_ids: Tensor<B, 2, Int>, like: &Tensor<B, 2>) -> Tensor<B, 2> {
     let [rows, k] = expert_ids.dims();
+    let num_experts = like.dims()[1];
     let device = expert_ids.device();
-    Tensor::<B, 2>::zeros([rows, num_experts], &device).scatter(
-        1,
-        expert_ids,
-        Tensor::ones([rows, k], &device),
-        IndexingUpdateOp::Add,
-    )
+    Tensor::<B, 2>::zeros([rows, num_experts], &device)
+        .scatter(1, expert_ids, Tensor::ones([rows, k], &device), IndexingUpdateOp::Add)
+        .cast(like.dtype())
 }
 
 /// Each row divided by its sum (affinities to a distribution over experts).
@@ -35,7 +33,7 @@ pub fn sequence_balance_loss<B: Backend>(
     let [rows, experts] = scores.dims();
     let k = expert_ids.dims()[1];
     let sequences = rows / seq_len;
-    let f = chosen_mask(expert_ids, experts)
+    let f = chosen_mask(expert_ids, &scores)
         .reshape([sequences, seq_len, experts])
         .sum_dim(1)
         .mul_scalar(experts as f64 / (k * seq_len) as f64);
@@ -53,7 +51,7 @@ pub fn switch_aux_loss<B: Backend>(
 ) -> Tensor<B, 1> {
     let [rows, experts] = scores.dims();
     let k = expert_ids.dims()[1];
-    let f = chosen_mask(expert_ids, experts).sum_dim(0).div_scalar((rows * k) as f64);
+    let f = chosen_mask(expert_ids, &scores).sum_dim(0).div_scalar((rows * k) as f64);
     let p = normalised(scores).mean_dim(0);
     (f * p).sum().mul_scalar(alpha * experts as f64)
 }

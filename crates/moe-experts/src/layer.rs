@@ -125,7 +125,7 @@ pub struct MoeAux<B: Backend> {
     pub counts: Tensor<B, 1, Int>,
     /// Pairs dropped by the capacity limit (0 when dropless).
     pub dropped: usize,
-    /// Sequence-wise balance loss (already weighted), when its alpha > 0.
+    /// Sequence-wise balance loss (already weighted, in the input's dtype), when its alpha > 0.
     pub seq_balance_loss: Option<Tensor<B, 1>>,
     /// Switch/GShard aux loss (already weighted), when its alpha > 0.
     pub aux_loss: Option<Tensor<B, 1>>,
@@ -190,6 +190,7 @@ impl<B: MoeBackend> MoeLayer<B> {
     /// `x` `[batch, seq, d]` -> `[batch, seq, d]` and the auxiliary record. Sequences matter
     /// only to the sequence-wise balance loss.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), MoeError> {
+        let dtype = x.dtype();
         let (flat, dims) = self.flatten(x)?;
         let routing = self.router.forward(flat.clone());
         let (limit, priority) = match self.capacity {
@@ -204,13 +205,17 @@ impl<B: MoeBackend> MoeLayer<B> {
                 .forward(flat.clone(), routing.expert_ids.clone(), routing.weights.clone(), limit, priority)?;
         let out = self.shared_plus(flat, routed).reshape(dims);
         let weighted = |alpha: f64| (alpha > 0.0).then_some(alpha);
+        // Computed in f32 with the router; handed back in the model's dtype so they add to
+        // its loss.
+        let model_dtype = |loss: Tensor<B, 1>| loss.cast(dtype);
         let aux = MoeAux {
-            seq_balance_loss: weighted(self.seq_balance_alpha).map(|a| {
-                sequence_balance_loss(routing.scores.clone(), routing.expert_ids.clone(), dims[1], a)
-            }),
+            seq_balance_loss: weighted(self.seq_balance_alpha)
+                .map(|a| sequence_balance_loss(routing.scores.clone(), routing.expert_ids.clone(), dims[1], a))
+                .map(model_dtype),
             aux_loss: weighted(self.aux_loss_alpha)
-                .map(|a| switch_aux_loss(routing.scores.clone(), routing.expert_ids.clone(), a)),
-            z_loss: weighted(self.z_loss_weight).map(|w| router_z_loss(routing.logits.clone(), w)),
+                .map(|a| switch_aux_loss(routing.scores.clone(), routing.expert_ids.clone(), a))
+                .map(model_dtype),
+            z_loss: weighted(self.z_loss_weight).map(|w| router_z_loss(routing.logits.clone(), w)).map(model_dtype),
             expert_ids: routing.expert_ids,
             weights: routing.weights,
             counts: routing.counts,

@@ -133,7 +133,8 @@ fn inverse_permutation<B: Backend>(
 pub fn permute<B: Backend>(x: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
     let [_, d] = x.dims();
     // Row 0 of the extended input is the zero row that padding reads.
-    let extended = Tensor::cat(vec![Tensor::zeros([1, d], &x.device()), x], 0);
+    let zero_row = Tensor::<B, 2>::zeros([1, d], &x.device()).cast(x.dtype());
+    let extended = Tensor::cat(vec![zero_row, x], 0);
     extended.select(0, plan.source_of_row.clone())
 }
 
@@ -157,11 +158,12 @@ pub fn combine<B: Backend>(
     let [_, d] = rows.dims();
     let (t, k) = (plan.tokens, plan.top_k);
     if t * k == 0 {
-        return Tensor::zeros([t, d], &rows.device());
+        return Tensor::<B, 2>::zeros([t, d], &rows.device()).cast(rows.dtype());
     }
     // Gathering each pair's row and summing over K is the scatter-add of the combine written
     // as a gather: deterministic on every backend (no atomics) and its gradient is a gather too.
-    let extended = Tensor::cat(vec![rows.clone(), Tensor::zeros([1, d], &rows.device())], 0);
+    let zero_row = Tensor::<B, 2>::zeros([1, d], &rows.device()).cast(rows.dtype());
+    let extended = Tensor::cat(vec![rows, zero_row], 0);
     let picked = extended.select(0, plan.row_of_pair.clone()).reshape([t, k, d]);
     let weights = weights.cast(picked.dtype()).reshape([t, k, 1]);
     picked.mul(weights).sum_dim(1).reshape([t, d])

@@ -43,8 +43,11 @@ impl RouterConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<TopKRouter<B>, RouterConfigError> {
         self.validate()?;
         let weight = Initializer::KaimingUniform { gain: 1.0 / 3f64.sqrt(), fan_out_only: false }
-            .init_with([self.num_experts, self.d_model], Some(self.d_model), Some(self.num_experts), device)
-            .map(|w| w.cast(FloatDType::F32));
+            .init_with::<B, 2, _>([self.num_experts, self.d_model], Some(self.d_model), Some(self.num_experts), device)
+            .val();
+        // The cast must happen before the tensor becomes a parameter: a cast parameter would
+        // be a graph node, not a leaf, and get no gradient.
+        let weight = Param::from_tensor(weight.cast(FloatDType::F32).detach());
         let bias = Param::from_tensor(Tensor::<B, 1>::zeros([self.num_experts], device).cast(FloatDType::F32))
             .set_require_grad(false);
         Ok(TopKRouter {
