@@ -44,11 +44,7 @@ pub fn sequence_balance_loss<B: Backend>(
 /// The Switch/GShard batch auxiliary loss, `alpha * E * sum_i f_i P_i` with `f_i` the fraction
 /// of the `T * K` choices that went to `i` and `P_i` the mean normalised affinity. Equals
 /// `alpha` when routing is uniform.
-pub fn switch_aux_loss<B: Backend>(
-    scores: Tensor<B, 2>,
-    expert_ids: Tensor<B, 2, Int>,
-    alpha: f64,
-) -> Tensor<B, 1> {
+pub fn switch_aux_loss<B: Backend>(scores: Tensor<B, 2>, expert_ids: Tensor<B, 2, Int>, alpha: f64) -> Tensor<B, 1> {
     let [rows, experts] = scores.dims();
     let k = expert_ids.dims()[1];
     let f = chosen_mask(expert_ids, &scores).sum_dim(0).div_scalar((rows * k) as f64);

@@ -36,15 +36,13 @@ impl<B: Backend> LoadTracker<B> {
             Tensor::cat(recorded, 0).into_data().iter::<i64>().map(|c| c.max(0) as u64).collect()
         }
         .into_iter();
-        let loads = self
-            .pending
+        self.pending
             .iter_mut()
             .map(|slot| match slot.take() {
                 Some(_) => host.by_ref().take(self.num_experts).collect(),
                 None => vec![0; self.num_experts],
             })
-            .collect();
-        loads
+            .collect()
     }
 
     /// MoE layers tracked.

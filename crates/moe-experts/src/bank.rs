@@ -75,12 +75,7 @@ impl<B: Backend> ExpertBank<B> {
     /// The same sum as [`ExpertBank::forward`] (dropless), one expert at a time: reads the ids
     /// to the host, gathers each expert's tokens, runs that expert alone. Test oracle and
     /// bench baseline; not for training.
-    pub fn forward_loop(
-        &self,
-        x: Tensor<B, 2>,
-        expert_ids: Tensor<B, 2, Int>,
-        weights: Tensor<B, 2>,
-    ) -> Tensor<B, 2> {
+    pub fn forward_loop(&self, x: Tensor<B, 2>, expert_ids: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
         let [tokens, d] = x.dims();
         let k = expert_ids.dims()[1];
         let device = x.device();

@@ -160,14 +160,16 @@ impl Reader<'_> {
     fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         let view = self.file.tensor(name).map_err(|_| LoadError::Missing(name.into()))?;
         if view.shape() != expected {
-            return Err(LoadError::Shape { name: name.into(), got: view.shape().to_vec(), expected: expected.to_vec() });
+            return Err(LoadError::Shape {
+                name: name.into(),
+                got: view.shape().to_vec(),
+                expected: expected.to_vec(),
+            });
         }
         let bytes = view.data();
         let values = match view.dtype() {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             other => return Err(LoadError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
         };

@@ -136,11 +136,7 @@ pub struct MoeAux<B: Backend> {
 impl<B: Backend> MoeAux<B> {
     /// The sum of the losses that are on, if any.
     pub fn loss(&self) -> Option<Tensor<B, 1>> {
-        [&self.seq_balance_loss, &self.aux_loss, &self.z_loss]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .reduce(|a, b| a + b)
+        [&self.seq_balance_loss, &self.aux_loss, &self.z_loss].into_iter().flatten().cloned().reduce(|a, b| a + b)
     }
 }
 
@@ -201,8 +197,7 @@ impl<B: MoeBackend> MoeLayer<B> {
             ),
         };
         let (routed, plan) =
-            self.experts
-                .forward(flat.clone(), routing.expert_ids.clone(), routing.weights.clone(), limit, priority)?;
+            self.experts.forward(flat.clone(), routing.expert_ids.clone(), routing.weights.clone(), limit, priority)?;
         let out = self.shared_plus(flat, routed).reshape(dims);
         let weighted = |alpha: f64| (alpha > 0.0).then_some(alpha);
         // Computed in f32 with the router; handed back in the model's dtype so they add to

@@ -38,4 +38,6 @@ mod swiglu;
 pub use bank::{ExpertBank, ExpertBankConfig};
 pub use error::MoeError;
 pub use layer::{CapacityConfig, DropPolicy, MoeAux, MoeLayer, MoeLayerConfig};
+/// The backend bound of the forward passes, re-exported so users need one import.
+pub use moe_kernels::MoeBackend;
 pub use swiglu::{SwiGlu, SwiGluConfig};

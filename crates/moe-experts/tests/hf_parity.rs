@@ -33,13 +33,12 @@ fn moe_layer_matches_hf_transformers() {
     let reference_bytes = read("reference.safetensors");
     let reference = SafeTensors::deserialize(&reference_bytes).unwrap();
     let layer_index = tensor_i64(&reference, "moe_layer")[0];
-    let config = HfMoeConfig::from_json(&String::from_utf8(read("config.json")).unwrap())
-        .unwrap()
-        .layer_config()
-        .unwrap();
+    let config =
+        HfMoeConfig::from_json(&String::from_utf8(read("config.json")).unwrap()).unwrap().layer_config().unwrap();
     let device = Default::default();
-    let layer = load_moe_layer::<B>(&config, &read("model.safetensors"), &format!("model.layers.{layer_index}.mlp"), &device)
-        .unwrap();
+    let layer =
+        load_moe_layer::<B>(&config, &read("model.safetensors"), &format!("model.layers.{layer_index}.mlp"), &device)
+            .unwrap();
 
     let (input, shape) = tensor_f32(&reference, "moe_input");
     let x = Tensor::<B, 3>::from_data(TensorData::new(input, [shape[0], shape[1], shape[2]]), &device);
@@ -68,10 +67,8 @@ fn moe_layer_matches_hf_transformers() {
 
 #[test]
 fn checkpoint_errors_name_the_tensor() {
-    let config = HfMoeConfig::from_json(&String::from_utf8(read("config.json")).unwrap())
-        .unwrap()
-        .layer_config()
-        .unwrap();
+    let config =
+        HfMoeConfig::from_json(&String::from_utf8(read("config.json")).unwrap()).unwrap().layer_config().unwrap();
     let device = Default::default();
     // Layer 0 is dense: no experts there.
     let err = load_moe_layer::<B>(&config, &read("model.safetensors"), "model.layers.0.mlp", &device).unwrap_err();

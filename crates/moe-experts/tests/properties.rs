@@ -30,7 +30,19 @@ struct Case {
 }
 
 fn cases() -> impl Strategy<Value = Case> {
-    (1usize..=4, 1usize..=4, 1usize..=8, 1usize..=12, 0usize..=2, 1usize..=3, 1usize..=9, any::<bool>(), any::<bool>(), 0.5f64..3.0, any::<u64>())
+    (
+        1usize..=4,
+        1usize..=4,
+        1usize..=8,
+        1usize..=12,
+        0usize..=2,
+        1usize..=3,
+        1usize..=9,
+        any::<bool>(),
+        any::<bool>(),
+        0.5f64..3.0,
+        any::<u64>(),
+    )
         .prop_flat_map(|(groups, per_group, d, h, shared, batch, seq, softmax, normalize, scale, seed)| {
             (1..=groups).prop_flat_map(move |kept_groups| {
                 (1..=kept_groups * per_group).prop_map(move |top_k| Case {
@@ -211,7 +223,8 @@ fn k_equal_to_e_uses_every_expert_once() {
 
 #[test]
 fn non_finite_input_stays_in_its_token() {
-    let config = MoeLayerConfig::new(RouterConfig::new(6, 8, 2).with_num_groups(4).with_topk_groups(2), 4).with_num_shared(1);
+    let config =
+        MoeLayerConfig::new(RouterConfig::new(6, 8, 2).with_num_groups(4).with_topk_groups(2), 4).with_num_shared(1);
     let (layer, x) = layer_with(config, 5, 5);
     let clean = host(layer.forward(x.clone()).unwrap().0);
     let mut values = host(x.clone());
@@ -258,7 +271,10 @@ fn wrong_input_width_is_a_typed_error() {
     let err = layer.forward(x).unwrap_err();
     assert_eq!(err, moe_experts::MoeError::InputWidth { expected: 6, got: 5 });
     let bad = MoeLayerConfig::new(RouterConfig::new(6, 4, 2), 0);
-    assert!(matches!(bad.init::<B>(&Default::default()), Err(moe_experts::MoeError::Setting { field: "expert_hidden", .. })));
+    assert!(matches!(
+        bad.init::<B>(&Default::default()),
+        Err(moe_experts::MoeError::Setting { field: "expert_hidden", .. })
+    ));
 }
 
 type AD = Autodiff<NdArray<f64>>;
@@ -300,39 +316,55 @@ fn gradients_match_finite_differences() {
 
     let gx: Vec<f64> = x.grad(&grads).unwrap().into_data().iter::<f64>().collect();
     let xs: Vec<f64> = x.clone().into_data().iter::<f64>().collect();
-    check(gx, &|i, e| {
-        let mut v = xs.clone();
-        v[i] += e;
-        let (l, ids) = loss_of(&layer, Tensor::from_data(TensorData::new(v, [1, 5, 4]), &device));
-        (scalar(l), ids)
-    }, "x");
+    check(
+        gx,
+        &|i, e| {
+            let mut v = xs.clone();
+            v[i] += e;
+            let (l, ids) = loss_of(&layer, Tensor::from_data(TensorData::new(v, [1, 5, 4]), &device));
+            (scalar(l), ids)
+        },
+        "x",
+    );
 
     for (name, param) in [("gate", &layer.experts.gate), ("down", &layer.experts.down)] {
         let g: Vec<f64> = param.grad(&grads).unwrap().into_data().iter::<f64>().collect();
         let w: Vec<f64> = param.val().into_data().iter::<f64>().collect();
         let dims = param.dims();
-        check(g, &|i, e| {
-            let mut v = w.clone();
-            v[i] += e;
-            let mut l2 = layer.clone();
-            let t = Tensor::<AD, 3>::from_data(TensorData::new(v, dims), &device);
-            if name == "gate" { l2.experts.gate = burn::module::Param::from_tensor(t) } else { l2.experts.down = burn::module::Param::from_tensor(t) }
-            let (l, ids) = loss_of(&l2, x.clone());
-            (scalar(l), ids)
-        }, name);
+        check(
+            g,
+            &|i, e| {
+                let mut v = w.clone();
+                v[i] += e;
+                let mut l2 = layer.clone();
+                let t = Tensor::<AD, 3>::from_data(TensorData::new(v, dims), &device);
+                if name == "gate" {
+                    l2.experts.gate = burn::module::Param::from_tensor(t)
+                } else {
+                    l2.experts.down = burn::module::Param::from_tensor(t)
+                }
+                let (l, ids) = loss_of(&l2, x.clone());
+                (scalar(l), ids)
+            },
+            name,
+        );
     }
 
     // The router weight gets its gradient through the routing weights and the balance loss.
     let g: Vec<f64> = layer.router.weight.grad(&grads).unwrap().into_data().iter::<f64>().collect();
     let w: Vec<f64> = layer.router.weight.val().into_data().iter::<f64>().collect();
-    check(g, &|i, e| {
-        let mut v = w.clone();
-        v[i] += e;
-        let mut l2 = layer.clone();
-        l2.router.weight = burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(v, [6, 4]), &device));
-        let (l, ids) = loss_of(&l2, x.clone());
-        (scalar(l), ids)
-    }, "router");
+    check(
+        g,
+        &|i, e| {
+            let mut v = w.clone();
+            v[i] += e;
+            let mut l2 = layer.clone();
+            l2.router.weight = burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(v, [6, 4]), &device));
+            let (l, ids) = loss_of(&l2, x.clone());
+            (scalar(l), ids)
+        },
+        "router",
+    );
     // The bias never gets a gradient.
     assert!(layer.router.bias.grad(&grads).is_none());
 }

@@ -9,8 +9,8 @@ where
     E: burn::backend::ndarray::FloatNdArrayElement,
     I: burn::backend::ndarray::IntNdArrayElement,
     Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>
-        + From<burn::backend::ndarray::SharedArray<I>>,
+    burn::backend::ndarray::NdArrayTensor:
+        From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
 {
 }
 
@@ -22,14 +22,20 @@ impl<B: MoeBackend, C: burn::backend::autodiff::checkpoint::strategy::Checkpoint
 {
 }
 
+// burn-cuda does not re-export cubecl's element traits; the element types it supports are
+// listed instead.
 #[cfg(feature = "cuda")]
-impl<F: burn::tensor::FloatElement, I: burn::tensor::IntElement> MoeBackend
-    for burn::backend::Cuda<F, I>
-{
-}
+impl MoeBackend for burn::backend::Cuda<f32, i32> {}
+#[cfg(feature = "cuda")]
+impl MoeBackend for burn::backend::Cuda<half::f16, i32> {}
+#[cfg(feature = "cuda")]
+impl MoeBackend for burn::backend::Cuda<half::bf16, i32> {}
 
 #[cfg(feature = "wgpu")]
-impl<F: burn::tensor::FloatElement, I: burn::tensor::IntElement, BT: burn::tensor::BoolElement>
-    MoeBackend for burn::backend::Wgpu<F, I, BT>
+impl<F, I, BT> MoeBackend for burn::backend::Wgpu<F, I, BT>
+where
+    F: burn::backend::wgpu::FloatElement,
+    I: burn::backend::wgpu::IntElement,
+    BT: burn::backend::wgpu::BoolElement,
 {
 }

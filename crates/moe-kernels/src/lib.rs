@@ -82,11 +82,7 @@ pub trait MoeBackend: Backend {
 
     /// Returns `out[t] = sum_k weights[t, k] * rows[row of (t, k)]`, `[T, d]`; a dropped
     /// pair contributes zero.
-    fn moe_combine(
-        rows: Tensor<Self, 2>,
-        weights: Tensor<Self, 2>,
-        plan: &DispatchPlan<Self>,
-    ) -> Tensor<Self, 2> {
+    fn moe_combine(rows: Tensor<Self, 2>, weights: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
         portable::combine(rows, weights, plan)
     }
 }

@@ -52,13 +52,8 @@ pub fn plan<B: Backend>(
         IndexingUpdateOp::Add,
     );
     // The one host sync: counts size the padded layout; min/max validate the ids on the way.
-    let host: Vec<i64> = Tensor::cat(
-        vec![counts_device.clone(), flat.clone().min(), flat.max()],
-        0,
-    )
-    .into_data()
-    .iter::<i64>()
-    .collect();
+    let host: Vec<i64> =
+        Tensor::cat(vec![counts_device.clone(), flat.clone().min(), flat.max()], 0).into_data().iter::<i64>().collect();
     let (min_id, max_id) = (host[num_experts], host[num_experts + 1]);
     if min_id < 0 {
         return Err(KernelError::ExpertIdOutOfRange { id: min_id, num_experts });
@@ -89,10 +84,7 @@ pub fn plan<B: Backend>(
 
     let drop_row = (num_experts * capacity) as i64;
     let kept = rank.clone().lower_elem(kept_per_expert as i64);
-    let row_of_pair = clamped
-        .mul_scalar(capacity as i64)
-        .add(rank)
-        .mask_fill(kept.bool_not(), drop_row);
+    let row_of_pair = clamped.mul_scalar(capacity as i64).add(rank).mask_fill(kept.bool_not(), drop_row);
     let token_plus_one = pair_index.div_scalar(top_k as i64).add_scalar(1);
     let source_of_row = Tensor::<B, 1, Int>::zeros([num_experts * capacity + 1], &device)
         .scatter(0, row_of_pair.clone(), token_plus_one, IndexingUpdateOp::Add)
@@ -112,19 +104,12 @@ pub fn plan<B: Backend>(
 }
 
 /// `out[perm[i]] = values[i]` for a permutation `perm` (unique indices, so the add is exact).
-fn inverse_scatter<B: Backend>(
-    perm: Tensor<B, 1, Int>,
-    values: Tensor<B, 1, Int>,
-    len: usize,
-) -> Tensor<B, 1, Int> {
+fn inverse_scatter<B: Backend>(perm: Tensor<B, 1, Int>, values: Tensor<B, 1, Int>, len: usize) -> Tensor<B, 1, Int> {
     Tensor::zeros([len], &values.device()).scatter(0, perm, values, IndexingUpdateOp::Add)
 }
 
 /// Position of each element in the order `perm` lists them.
-fn inverse_permutation<B: Backend>(
-    perm: Tensor<B, 1, Int>,
-    arange: &Tensor<B, 1, Int>,
-) -> Tensor<B, 1, Int> {
+fn inverse_permutation<B: Backend>(perm: Tensor<B, 1, Int>, arange: &Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
     let len = arange.dims()[0];
     inverse_scatter(perm, arange.clone(), len)
 }
@@ -139,22 +124,14 @@ pub fn permute<B: Backend>(x: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B,
 }
 
 /// See [`crate::MoeBackend::moe_grouped_matmul`].
-pub fn grouped_matmul<B: Backend>(
-    rows: Tensor<B, 2>,
-    weights: Tensor<B, 3>,
-    plan: &DispatchPlan<B>,
-) -> Tensor<B, 2> {
+pub fn grouped_matmul<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
     let [e, a, b] = weights.dims();
     let c = plan.capacity;
     rows.reshape([e, c, a]).matmul(weights).reshape([e * c, b])
 }
 
 /// See [`crate::MoeBackend::moe_combine`].
-pub fn combine<B: Backend>(
-    rows: Tensor<B, 2>,
-    weights: Tensor<B, 2>,
-    plan: &DispatchPlan<B>,
-) -> Tensor<B, 2> {
+pub fn combine<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
     let [_, d] = rows.dims();
     let (t, k) = (plan.tokens, plan.top_k);
     if t * k == 0 {

@@ -108,7 +108,7 @@ impl RouterConfig {
                 return Err(RouterConfigError::Zero { field });
             }
         }
-        if self.num_experts % self.num_groups != 0 {
+        if !self.num_experts.is_multiple_of(self.num_groups) {
             return Err(RouterConfigError::GroupsDoNotDivide {
                 num_experts: self.num_experts,
                 num_groups: self.num_groups,
@@ -122,10 +122,7 @@ impl RouterConfig {
         }
         let experts_per_group = self.num_experts / self.num_groups;
         if self.num_groups > 1 && (self.group_score_topk == 0 || self.group_score_topk > experts_per_group) {
-            return Err(RouterConfigError::GroupScoreTopk {
-                value: self.group_score_topk,
-                experts_per_group,
-            });
+            return Err(RouterConfigError::GroupScoreTopk { value: self.group_score_topk, experts_per_group });
         }
         let available = self.topk_groups * experts_per_group;
         if self.top_k > available {
@@ -157,26 +154,11 @@ mod tests {
             (RouterConfig { top_k: 0, ..base() }, RouterConfigError::Zero { field: "top_k" }),
             (RouterConfig { num_experts: 0, ..base() }, RouterConfigError::Zero { field: "num_experts" }),
             (RouterConfig { d_model: 0, ..base() }, RouterConfigError::Zero { field: "d_model" }),
-            (
-                base().with_num_groups(3),
-                RouterConfigError::GroupsDoNotDivide { num_experts: 16, num_groups: 3 },
-            ),
-            (
-                base().with_topk_groups(5),
-                RouterConfigError::TooManyKeptGroups { topk_groups: 5, num_groups: 4 },
-            ),
-            (
-                base().with_topk_groups(0),
-                RouterConfigError::TooManyKeptGroups { topk_groups: 0, num_groups: 4 },
-            ),
-            (
-                RouterConfig { top_k: 9, ..base() },
-                RouterConfigError::TopKTooLarge { top_k: 9, available: 8 },
-            ),
-            (
-                base().with_group_score_topk(5),
-                RouterConfigError::GroupScoreTopk { value: 5, experts_per_group: 4 },
-            ),
+            (base().with_num_groups(3), RouterConfigError::GroupsDoNotDivide { num_experts: 16, num_groups: 3 }),
+            (base().with_topk_groups(5), RouterConfigError::TooManyKeptGroups { topk_groups: 5, num_groups: 4 }),
+            (base().with_topk_groups(0), RouterConfigError::TooManyKeptGroups { topk_groups: 0, num_groups: 4 }),
+            (RouterConfig { top_k: 9, ..base() }, RouterConfigError::TopKTooLarge { top_k: 9, available: 8 }),
+            (base().with_group_score_topk(5), RouterConfigError::GroupScoreTopk { value: 5, experts_per_group: 4 }),
             (base().with_route_scale(0.0), RouterConfigError::RouteScale(0.0)),
             (base().with_z_loss_weight(Some(-1.0)), RouterConfigError::ZLossWeight(-1.0)),
         ];

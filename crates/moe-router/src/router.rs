@@ -67,17 +67,14 @@ impl RouterConfig {
 impl<B: Backend> TopKRouter<B> {
     /// Routes `x` `[T, d]` (any float dtype; the math runs in f32).
     pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
-        let logits = x
-            .cast(FloatDType::F32)
-            .matmul(self.weight.val().cast(FloatDType::F32).transpose());
+        let logits = x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose());
         let scores = match self.score_function {
             ScoreFunction::Sigmoid => activation::sigmoid(logits.clone()),
             ScoreFunction::Softmax => activation::softmax(logits.clone(), 1),
         };
         let [tokens, experts] = scores.dims();
         // Selection is discrete: it sees the bias and carries no gradient.
-        let mut choice = scores.clone().detach()
-            + self.bias.val().detach().cast(FloatDType::F32).reshape([1, experts]);
+        let mut choice = scores.clone().detach() + self.bias.val().detach().cast(FloatDType::F32).reshape([1, experts]);
         if self.num_groups > 1 {
             choice = mask_groups(choice, self.num_groups, self.topk_groups, self.group_score_topk);
         }

@@ -8,20 +8,14 @@ pub fn top_k_lowest_id<B: Backend>(values: Tensor<B, 2>, k: usize) -> Tensor<B, 
     let [rows, cols] = values.dims();
     let device = values.device();
     let values = values.clone().mask_fill(values.is_nan(), f32::NEG_INFINITY);
-    let column = Tensor::<B, 1, Int>::arange(0..cols as i64, &device)
-        .float()
-        .reshape([1, cols])
-        .expand([rows, cols]);
+    let column = Tensor::<B, 1, Int>::arange(0..cols as i64, &device).float().reshape([1, cols]).expand([rows, cols]);
     let mut taken: Tensor<B, 2, Bool> = Tensor::<B, 2, Int>::zeros([rows, cols], &device).bool();
     let mut picks = Vec::with_capacity(k);
     for _ in 0..k {
         let free = values.clone().mask_fill(taken.clone(), f32::NEG_INFINITY);
         let best = free.clone().max_dim(1).expand([rows, cols]);
         let candidate = free.equal(best).bool_and(taken.clone().bool_not());
-        let pick = column
-            .clone()
-            .mask_fill(candidate.bool_not(), cols as f32)
-            .min_dim(1); // [rows, 1]
+        let pick = column.clone().mask_fill(candidate.bool_not(), cols as f32).min_dim(1); // [rows, 1]
         taken = taken.bool_or(column.clone().equal(pick.clone().expand([rows, cols])));
         picks.push(pick.int());
     }
@@ -49,17 +43,10 @@ pub fn mask_groups<B: Backend>(
         .reshape([rows, num_groups]);
     let kept = top_k_lowest_id(group_scores, keep);
     let group_kept = Tensor::<B, 2>::zeros([rows, num_groups], &scores.device())
-        .scatter(
-            1,
-            kept,
-            Tensor::ones([rows, keep], &scores.device()),
-            burn::tensor::IndexingUpdateOp::Add,
-        )
+        .scatter(1, kept, Tensor::ones([rows, keep], &scores.device()), burn::tensor::IndexingUpdateOp::Add)
         .greater_elem(0.5);
-    let expert_kept = group_kept
-        .reshape([rows, num_groups, 1])
-        .expand([rows, num_groups, per_group])
-        .reshape([rows, experts]);
+    let expert_kept =
+        group_kept.reshape([rows, num_groups, 1]).expand([rows, num_groups, per_group]).reshape([rows, experts]);
     scores.mask_fill(expert_kept.bool_not(), f32::NEG_INFINITY)
 }
 
