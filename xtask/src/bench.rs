@@ -80,19 +80,27 @@ fn mean_ms(dir: &Path, group: &str, function: &str, param: &str) -> Option<f64> 
     Some(json["mean"]["point_estimate"].as_f64()? / 1e6)
 }
 
+/// The `(E, K, S)` shapes criterion holds results for, read from its folder names
+/// (`E64_K6_S2`), so the table follows whatever the benches ran.
+fn measured_shapes(dir: &Path) -> Vec<(usize, usize, usize)> {
+    let mut shapes: Vec<(usize, usize, usize)> = ["moe_layer_fwd", "moe_layer_fwdbwd"]
+        .iter()
+        .filter_map(|group| std::fs::read_dir(dir.join(group).join("sorted")).ok())
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let mut parts = name.split('_');
+            let mut field = |prefix: char| parts.next()?.strip_prefix(prefix)?.parse().ok();
+            Some((field('E')?, field('K')?, field('S')?))
+        })
+        .collect();
+    shapes.sort_by_key(|&(e, k, s)| (s, e, k));
+    shapes.dedup();
+    shapes
+}
+
 fn print_table(dir: &Path) -> Result<(), String> {
-    let shapes = [
-        (8, 2, 0),
-        (8, 6, 0),
-        (8, 8, 0),
-        (64, 2, 0),
-        (64, 6, 0),
-        (64, 8, 0),
-        (256, 2, 0),
-        (256, 6, 0),
-        (256, 8, 0),
-        (64, 6, 2),
-    ];
+    let shapes = measured_shapes(dir);
     println!("\nMoE layer, T = 4096, d = 512, h = 256 (mean of criterion samples)\n");
     println!(
         "| E | K | S | fwd sorted ms | fwd loop ms | speed-up | tokens/s fwd | fwd+bwd sorted ms | fwd+bwd loop ms | speed-up |"

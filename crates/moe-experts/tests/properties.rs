@@ -300,17 +300,33 @@ fn gradients_match_finite_differences() {
 
     let check = |analytic: Vec<f64>, perturb: &dyn Fn(usize, f64) -> (f64, Vec<i64>), what: &str| {
         // The router path is f32 whatever the model dtype: a larger step there keeps its
-        // rounding out of the difference quotient.
-        let eps = if what == "router" { 2e-2 } else { 1e-3 };
+        // rounding out of the difference quotient. Finite differences only hold where the
+        // selection stays put, so a step that flips it is shrunk, and a coordinate that still
+        // flips is skipped.
+        let mut checked = 0;
         for i in [0, analytic.len() / 3, analytic.len() / 2, analytic.len() - 1] {
-            let (plus, ids_p) = perturb(i, eps);
-            let (minus, ids_m) = perturb(i, -eps);
-            assert_eq!(ids_p, ids0, "selection must not flip in the check");
-            assert_eq!(ids_m, ids0);
+            let mut eps = if what == "router" { 2e-2 } else { 1e-3 };
+            let (mut plus, mut ids_p) = perturb(i, eps);
+            let (mut minus, mut ids_m) = perturb(i, -eps);
+            while (ids_p != ids0 || ids_m != ids0) && eps > 1e-4 {
+                eps /= 4.0;
+                (plus, ids_p) = perturb(i, eps);
+                (minus, ids_m) = perturb(i, -eps);
+            }
+            if ids_p != ids0 || ids_m != ids0 {
+                continue;
+            }
             let numeric = (plus - minus) / (2.0 * eps);
-            let err = (numeric - analytic[i]).abs() / (1e-3 + numeric.abs());
-            assert!(err < 5e-3, "{what}[{i}]: numeric {numeric} analytic {}", analytic[i]);
+            // 5e-5 absolute: the f32 routing weights put rounding of that size into the loss.
+            let tolerance = 5e-3 * numeric.abs() + 5e-5;
+            assert!(
+                (numeric - analytic[i]).abs() < tolerance,
+                "{what}[{i}]: numeric {numeric} analytic {}",
+                analytic[i]
+            );
+            checked += 1;
         }
+        assert!(checked >= 3, "{what}: only {checked} coordinates away from a selection boundary");
     };
     let scalar = |t: Tensor<AD, 1>| t.into_data().iter::<f64>().next().unwrap();
 

@@ -35,6 +35,7 @@ pub fn plan<B: Backend>(
             num_experts,
             capacity: 1,
             row_of_pair: Tensor::zeros([0], &device),
+            token_of_pair: Tensor::zeros([0], &device),
             source_of_row: zeros.clone(),
             counts_device: zeros,
             counts: vec![0; num_experts],
@@ -85,9 +86,9 @@ pub fn plan<B: Backend>(
     let drop_row = (num_experts * capacity) as i64;
     let kept = rank.clone().lower_elem(kept_per_expert as i64);
     let row_of_pair = clamped.mul_scalar(capacity as i64).add(rank).mask_fill(kept.bool_not(), drop_row);
-    let token_plus_one = pair_index.div_scalar(top_k as i64).add_scalar(1);
+    let token_of_pair = pair_index.div_scalar(top_k as i64);
     let source_of_row = Tensor::<B, 1, Int>::zeros([num_experts * capacity + 1], &device)
-        .scatter(0, row_of_pair.clone(), token_plus_one, IndexingUpdateOp::Add)
+        .scatter(0, row_of_pair.clone(), token_of_pair.clone().add_scalar(1), IndexingUpdateOp::Add)
         .narrow(0, 0, num_experts * capacity);
 
     Ok(DispatchPlan {
@@ -96,6 +97,7 @@ pub fn plan<B: Backend>(
         num_experts,
         capacity,
         row_of_pair,
+        token_of_pair,
         source_of_row,
         counts_device,
         counts,
@@ -137,13 +139,19 @@ pub fn combine<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &Dis
     if t * k == 0 {
         return Tensor::<B, 2>::zeros([t, d], &rows.device()).cast(rows.dtype());
     }
-    // Gathering each pair's row and summing over K is the scatter-add of the combine written
-    // as a gather: deterministic on every backend (no atomics) and its gradient is a gather too.
+    // Weighted scatter-add of each pair's row into its token. On NdArray this is 3x faster
+    // than gathering [T, K, d] and summing over K; on GPUs its atomics make the last bit
+    // order-dependent, which a kernel backend avoids by overriding this method.
     let zero_row = Tensor::<B, 2>::zeros([1, d], &rows.device()).cast(rows.dtype());
     let extended = Tensor::cat(vec![rows, zero_row], 0);
-    let picked = extended.select(0, plan.row_of_pair.clone()).reshape([t, k, d]);
-    let weights = weights.cast(picked.dtype()).reshape([t, k, 1]);
-    picked.mul(weights).sum_dim(1).reshape([t, d])
+    let weights = weights.cast(extended.dtype()).reshape([t * k, 1]);
+    let picked = extended.select(0, plan.row_of_pair.clone()) * weights;
+    Tensor::<B, 2>::zeros([t, d], &picked.device()).cast(picked.dtype()).select_assign(
+        0,
+        plan.token_of_pair.clone(),
+        picked,
+        IndexingUpdateOp::Add,
+    )
 }
 
 #[cfg(test)]
