@@ -74,7 +74,8 @@ pub fn plan<B: Backend>(
     // are unique (expert * N + order), so the unstable sort is deterministic.
     let order = match priority {
         None => pair_index.clone(),
-        Some(p) => inverse_permutation(p.reshape([pairs]).argsort_descending(0), &pair_index),
+        // Position of each pair in descending priority.
+        Some(p) => inverse_scatter(p.reshape([pairs]).argsort_descending(0), pair_index.clone(), pairs),
     };
     let key = clamped.clone().mul_scalar(pairs as i64).add(order);
     let sorted = key.argsort(0);
@@ -108,12 +109,6 @@ pub fn plan<B: Backend>(
 /// `out[perm[i]] = values[i]` for a permutation `perm` (unique indices, so the add is exact).
 fn inverse_scatter<B: Backend>(perm: Tensor<B, 1, Int>, values: Tensor<B, 1, Int>, len: usize) -> Tensor<B, 1, Int> {
     Tensor::zeros([len], &values.device()).scatter(0, perm, values, IndexingUpdateOp::Add)
-}
-
-/// Position of each element in the order `perm` lists them.
-fn inverse_permutation<B: Backend>(perm: Tensor<B, 1, Int>, arange: &Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
-    let len = arange.dims()[0];
-    inverse_scatter(perm, arange.clone(), len)
 }
 
 /// See [`crate::MoeBackend::moe_permute`].

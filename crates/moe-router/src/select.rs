@@ -36,7 +36,8 @@ pub fn mask_groups<B: Backend>(
     let per_group = experts / num_groups;
     let grouped = scores.clone().reshape([rows, num_groups, per_group]);
     let group_scores = grouped
-        .mask_fill(scores.clone().reshape([rows, num_groups, per_group]).is_nan(), f32::NEG_INFINITY)
+        .clone()
+        .mask_fill(grouped.is_nan(), f32::NEG_INFINITY)
         .sort_descending(2)
         .narrow(2, 0, score_topk)
         .sum_dim(2)

@@ -28,7 +28,6 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
 
 /// DeepSeek-V3 routing of one token written as plain loops: the reference for the tensor
 /// router. Returns (ids best-first, weights).
-#[allow(clippy::too_many_arguments)]
 pub fn reference_route(
     scores: &[f32],
     bias: &[f32],
