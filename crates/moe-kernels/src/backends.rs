@@ -1,7 +1,7 @@
 //! The backends that use the portable default. A backend with its own kernels gets its own
 //! `impl` with overridden methods instead of a line here.
 
-use crate::MoeBackend;
+use crate::{DispatchLayout, MoeBackend};
 
 #[cfg(feature = "ndarray")]
 impl<E, I, Q> MoeBackend for burn::backend::NdArray<E, I, Q>
@@ -12,14 +12,19 @@ where
     burn::backend::ndarray::NdArrayTensor:
         From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
 {
+    const LAYOUT: DispatchLayout = DispatchLayout::Segments;
 }
 
 #[cfg(feature = "flex")]
-impl MoeBackend for burn::backend::Flex {}
+impl MoeBackend for burn::backend::Flex {
+    const LAYOUT: DispatchLayout = DispatchLayout::Segments;
+}
 
 impl<B: MoeBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> MoeBackend
     for burn::backend::Autodiff<B, C>
 {
+    // Same layout as the inner backend: the portable ops differentiate either way.
+    const LAYOUT: DispatchLayout = B::LAYOUT;
 }
 
 // burn-cuda does not re-export cubecl's element traits; the element types it supports are

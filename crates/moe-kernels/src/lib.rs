@@ -41,7 +41,7 @@ mod plan;
 pub mod portable;
 
 pub use error::KernelError;
-pub use plan::{CapacityLimit, DispatchPlan};
+pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
 
 use burn::tensor::{Int, Tensor, backend::Backend};
 
@@ -52,6 +52,10 @@ use burn::tensor::{Int, Tensor, backend::Backend};
 /// the same backend read them, so a backend may pick any layout (the default pads each
 /// expert's segment to a common capacity).
 pub trait MoeBackend: Backend {
+    /// The layout the portable default plans: `Padded` (one batched matmul) unless the
+    /// backend runs many small matmuls well (CPUs).
+    const LAYOUT: DispatchLayout = DispatchLayout::Padded;
+
     /// Plans the dispatch of `expert_ids` `[T, K]`: sorts the pairs by expert, counts them,
     /// and, under a [`CapacityLimit`], decides which pairs are dropped. `priority` `[T, K]`
     /// orders pairs inside an expert when dropping (higher kept first); `None` keeps the
@@ -62,7 +66,7 @@ pub trait MoeBackend: Backend {
         num_experts: usize,
         limit: CapacityLimit,
     ) -> Result<DispatchPlan<Self>, KernelError> {
-        portable::plan(expert_ids, priority, num_experts, limit)
+        portable::plan(expert_ids, priority, num_experts, limit, Self::LAYOUT)
     }
 
     /// Gathers token rows `x` `[T, d]` into the plan's dispatch layout.

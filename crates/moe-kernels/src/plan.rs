@@ -21,23 +21,37 @@ impl CapacityLimit {
     }
 }
 
+/// How the portable default lays expert segments out in the dispatch rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchLayout {
+    /// Every segment padded to the largest (`capacity` rows), so the grouped matmul is one
+    /// batched matmul: one launch per projection, the right shape for GPUs.
+    Padded,
+    /// Segments back to back, no padding; the grouped matmul is one 2-D matmul per non-empty
+    /// segment, sized from the host counts the plan already read (no extra sync). On CPUs this
+    /// beats a batched matmul and wastes no compute on padding.
+    Segments,
+}
+
 /// Where every (token, slot) pair goes in the dispatch layout, made by
 /// [`crate::MoeBackend::moe_plan`].
 ///
-/// The portable layout pads each expert's segment to `capacity` rows: expert `e` owns rows
-/// `e * capacity .. (e + 1) * capacity`, and row `E * capacity` is a zero row that dropped
-/// pairs point at.
+/// Expert `e` owns `segment_rows[e]` rows starting at the sum of the earlier segments; the row
+/// after the last segment is a zero row that dropped pairs point at.
 #[derive(Debug, Clone)]
 pub struct DispatchPlan<B: Backend> {
     pub(crate) tokens: usize,
     pub(crate) top_k: usize,
     pub(crate) num_experts: usize,
     pub(crate) capacity: usize,
+    pub(crate) layout: DispatchLayout,
+    /// Rows each expert owns in the layout (host).
+    pub(crate) segment_rows: Vec<usize>,
     /// `[N]`: the dispatch row of each pair, token-major (`pair = t * K + k`).
     pub(crate) row_of_pair: Tensor<B, 1, Int>,
     /// `[N]`: the token of each pair (`pair / K`).
     pub(crate) token_of_pair: Tensor<B, 1, Int>,
-    /// `[E * capacity]`: 1 + the token each row reads, 0 for padding.
+    /// `[rows]`: 1 + the token each row reads, 0 for padding.
     pub(crate) source_of_row: Tensor<B, 1, Int>,
     /// `[E]` on the device: pairs routed to each expert, before drops.
     pub(crate) counts_device: Tensor<B, 1, Int>,
@@ -61,9 +75,19 @@ impl<B: Backend> DispatchPlan<B> {
         self.dropped
     }
 
-    /// Rows each expert's segment holds in the padded layout.
+    /// The most pairs one expert keeps (the padded layout's rows per expert; at least 1).
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// The layout of the dispatch rows.
+    pub fn layout(&self) -> DispatchLayout {
+        self.layout
+    }
+
+    /// Rows each expert owns in the dispatch layout.
+    pub fn segment_rows(&self) -> &[usize] {
+        &self.segment_rows
     }
 
     /// Tokens `T` of the planned batch.

@@ -1,13 +1,14 @@
 //! The portable implementation of [`crate::MoeBackend`]: burn tensor ops only, so it runs on
 //! every backend and differentiates under `Autodiff`.
 //!
-//! Layout: each expert's segment is padded to the largest segment (`capacity` rows), so the
-//! grouped matmul is one batched matmul `[E, C, a] x [E, a, b]`. Padding costs
-//! `E * C - N` rows of compute, i.e. the batch's MaxVio; with balanced routing that is small.
+//! Two layouts ([`DispatchLayout`]): `Padded` pads each expert's segment to the largest
+//! (`capacity` rows), so the grouped matmul is one batched matmul `[E, C, a] x [E, a, b]`;
+//! padding costs the batch's MaxVio in extra rows. `Segments` packs the segments back to back
+//! and runs one 2-D matmul per non-empty segment.
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, backend::Backend};
 
-use crate::{CapacityLimit, DispatchPlan, KernelError};
+use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError};
 
 /// See [`crate::MoeBackend::moe_plan`].
 pub fn plan<B: Backend>(
@@ -15,6 +16,7 @@ pub fn plan<B: Backend>(
     priority: Option<Tensor<B, 2>>,
     num_experts: usize,
     limit: CapacityLimit,
+    layout: DispatchLayout,
 ) -> Result<DispatchPlan<B>, KernelError> {
     if num_experts == 0 {
         return Err(KernelError::NoExperts);
@@ -34,9 +36,11 @@ pub fn plan<B: Backend>(
             top_k,
             num_experts,
             capacity: 1,
+            layout,
+            segment_rows: vec![if layout == DispatchLayout::Padded { 1 } else { 0 }; num_experts],
             row_of_pair: Tensor::zeros([0], &device),
             token_of_pair: Tensor::zeros([0], &device),
-            source_of_row: zeros.clone(),
+            source_of_row: if layout == DispatchLayout::Padded { zeros.clone() } else { Tensor::zeros([0], &device) },
             counts_device: zeros,
             counts: vec![0; num_experts],
             dropped: 0,
@@ -84,19 +88,29 @@ pub fn plan<B: Backend>(
     let rank_sorted = pair_index.clone().sub(segment_start.select(0, sorted_expert));
     let rank = inverse_scatter(sorted, rank_sorted, pairs);
 
-    let drop_row = (num_experts * capacity) as i64;
+    let segment_rows: Vec<usize> = match layout {
+        DispatchLayout::Padded => vec![capacity; num_experts],
+        DispatchLayout::Segments => counts.iter().map(|&c| c.min(kept_per_expert)).collect(),
+    };
+    let starts: Vec<i64> =
+        segment_rows.iter().scan(0i64, |next, &n| Some(std::mem::replace(next, *next + n as i64))).collect();
+    let total_rows: usize = segment_rows.iter().sum();
+    let start_of_expert = Tensor::<B, 1, Int>::from_ints(starts.as_slice(), &device);
     let kept = rank.clone().lower_elem(kept_per_expert as i64);
-    let row_of_pair = clamped.mul_scalar(capacity as i64).add(rank).mask_fill(kept.bool_not(), drop_row);
+    // Dropped pairs point at the zero row after the last segment.
+    let row_of_pair = start_of_expert.select(0, clamped).add(rank).mask_fill(kept.bool_not(), total_rows as i64);
     let token_of_pair = pair_index.div_scalar(top_k as i64);
-    let source_of_row = Tensor::<B, 1, Int>::zeros([num_experts * capacity + 1], &device)
+    let source_of_row = Tensor::<B, 1, Int>::zeros([total_rows + 1], &device)
         .scatter(0, row_of_pair.clone(), token_of_pair.clone().add_scalar(1), IndexingUpdateOp::Add)
-        .narrow(0, 0, num_experts * capacity);
+        .narrow(0, 0, total_rows);
 
     Ok(DispatchPlan {
         tokens,
         top_k,
         num_experts,
         capacity,
+        layout,
+        segment_rows,
         row_of_pair,
         token_of_pair,
         source_of_row,
@@ -123,8 +137,27 @@ pub fn permute<B: Backend>(x: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B,
 /// See [`crate::MoeBackend::moe_grouped_matmul`].
 pub fn grouped_matmul<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
     let [e, a, b] = weights.dims();
-    let c = plan.capacity;
-    rows.reshape([e, c, a]).matmul(weights).reshape([e * c, b])
+    match plan.layout {
+        DispatchLayout::Padded => {
+            let c = plan.capacity;
+            rows.reshape([e, c, a]).matmul(weights).reshape([e * c, b])
+        }
+        DispatchLayout::Segments => {
+            let mut start = 0;
+            let mut outputs = Vec::new();
+            for (expert, &n) in plan.segment_rows.iter().enumerate() {
+                if n > 0 {
+                    let w = weights.clone().narrow(0, expert, 1).reshape([a, b]);
+                    outputs.push(rows.clone().narrow(0, start, n).matmul(w));
+                    start += n;
+                }
+            }
+            if outputs.is_empty() {
+                return Tensor::<B, 2>::zeros([0, b], &rows.device()).cast(rows.dtype());
+            }
+            Tensor::cat(outputs, 0)
+        }
+    }
 }
 
 /// See [`crate::MoeBackend::moe_combine`].
@@ -167,7 +200,8 @@ mod tests {
 
     #[test]
     fn rows_follow_token_order_inside_each_expert() {
-        let plan = plan::<B>(ids(&[[1, 0], [1, 2], [0, 1]]), None, 3, CapacityLimit::Dropless).unwrap();
+        let plan = plan::<B>(ids(&[[1, 0], [1, 2], [0, 1]]), None, 3, CapacityLimit::Dropless, DispatchLayout::Padded)
+            .unwrap();
         assert_eq!(plan.counts(), &[2, 3, 1]);
         assert_eq!(plan.capacity(), 3);
         // expert e owns rows 3e..3e+3; pairs in token order: (0,1)->e1 r0, (0,0)->e0 r0, ...
@@ -175,9 +209,28 @@ mod tests {
     }
 
     #[test]
+    fn segments_are_packed_back_to_back() {
+        let ids = ids(&[[1, 0], [1, 2], [0, 1]]);
+        let plan = plan::<B>(ids, None, 3, CapacityLimit::Dropless, DispatchLayout::Segments).unwrap();
+        assert_eq!(plan.segment_rows(), &[2, 3, 1]);
+        // expert 0: rows 0..2, expert 1: rows 2..5, expert 2: row 5.
+        assert_eq!(rows_of(&plan), vec![2, 0, 3, 5, 1, 4]);
+        let sources: Vec<i64> = plan.source_of_row.to_data().iter::<i64>().collect();
+        assert_eq!(sources, vec![1, 3, 1, 2, 3, 2]);
+    }
+
+    #[test]
+    fn segments_drop_into_the_row_after_the_last() {
+        let ids = ids(&[[0, 1], [0, 1], [0, 2]]);
+        let plan = plan::<B>(ids, None, 3, CapacityLimit::Factor(1.0), DispatchLayout::Segments).unwrap();
+        assert_eq!(plan.segment_rows(), &[2, 2, 1]);
+        assert_eq!(rows_of(&plan), vec![0, 2, 1, 3, 5, 4]);
+    }
+
+    #[test]
     fn capacity_by_position_drops_later_tokens() {
         let ids = ids(&[[0, 1], [0, 1], [0, 2]]);
-        let plan = plan::<B>(ids, None, 3, CapacityLimit::Factor(1.0)).unwrap();
+        let plan = plan::<B>(ids, None, 3, CapacityLimit::Factor(1.0), DispatchLayout::Padded).unwrap();
         // 6 pairs / 3 experts -> 2 rows each; the third token's expert-0 pair is dropped.
         assert_eq!(plan.capacity(), 2);
         assert_eq!(plan.dropped(), 1);
@@ -189,7 +242,7 @@ mod tests {
         let ids = ids(&[[0, 1], [0, 1], [0, 2]]);
         let device = Default::default();
         let prio = Tensor::<B, 2>::from_floats([[0.1, 0.5], [0.9, 0.5], [0.8, 0.4]], &device);
-        let plan = plan::<B>(ids, Some(prio), 3, CapacityLimit::Factor(1.0)).unwrap();
+        let plan = plan::<B>(ids, Some(prio), 3, CapacityLimit::Factor(1.0), DispatchLayout::Padded).unwrap();
         assert_eq!(plan.dropped(), 1);
         // Expert 0 keeps tokens 1 (0.9) then 2 (0.8); token 0 (0.1) goes to the drop row 6.
         assert_eq!(rows_of(&plan)[0], 6);
@@ -199,9 +252,9 @@ mod tests {
 
     #[test]
     fn out_of_range_id_is_a_typed_error() {
-        let err = plan::<B>(ids(&[[0, 5]]), None, 4, CapacityLimit::Dropless).unwrap_err();
+        let err = plan::<B>(ids(&[[0, 5]]), None, 4, CapacityLimit::Dropless, DispatchLayout::Padded).unwrap_err();
         assert_eq!(err, KernelError::ExpertIdOutOfRange { id: 5, num_experts: 4 });
-        let err = plan::<B>(ids(&[[-1, 0]]), None, 4, CapacityLimit::Dropless).unwrap_err();
+        let err = plan::<B>(ids(&[[-1, 0]]), None, 4, CapacityLimit::Dropless, DispatchLayout::Padded).unwrap_err();
         assert_eq!(err, KernelError::ExpertIdOutOfRange { id: -1, num_experts: 4 });
     }
 }
