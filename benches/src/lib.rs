@@ -6,11 +6,11 @@ use burn::tensor::{Distribution, Tensor};
 use moe_experts::{MoeLayer, MoeLayerConfig};
 use moe_router::RouterConfig;
 
-/// The backend the benches run on: Flex with `--features flex`, else NdArray (with a system
+/// The backend the benches run on: Flex (the default feature), else NdArray (with a system
 /// BLAS under `--features blas`).
 #[cfg(feature = "flex")]
 pub type Cpu = burn::backend::Flex;
-/// The backend the benches run on: Flex with `--features flex`, else NdArray (with a system
+/// The backend the benches run on: Flex (the default feature), else NdArray (with a system
 /// BLAS under `--features blas`).
 #[cfg(not(feature = "flex"))]
 pub type Cpu = burn::backend::NdArray;

@@ -7,9 +7,9 @@ use std::process::Command;
 /// CPU backends the benches can be built with.
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum CpuBackend {
-    /// burn-ndarray, pure Rust (the default).
+    /// burn-ndarray, pure Rust.
     Ndarray,
-    /// burn-flex, pure Rust with SIMD.
+    /// burn-flex, pure Rust with SIMD (the default: the fastest a fresh clone builds).
     Flex,
     /// burn-ndarray on the system OpenBLAS (needs libopenblas-dev).
     Blas,
@@ -21,7 +21,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// The CPU backend to build the benches with.
-    #[arg(long, value_enum, default_value = "ndarray")]
+    #[arg(long, value_enum, default_value = "flex")]
     cpu: CpuBackend,
     /// Only benches whose id contains this (criterion filter).
     #[arg(long)]

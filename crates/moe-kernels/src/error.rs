@@ -14,6 +14,17 @@ pub enum KernelError {
     /// `num_experts` was zero.
     #[error("num_experts must be at least 1, got 0")]
     NoExperts,
+    /// The sort keys `expert * N + order` would overflow a 32-bit int (the int type of Flex,
+    /// CUDA and wgpu).
+    #[error(
+        "{pairs} (token, slot) pairs over {num_experts} experts exceed the dispatch sort's key range: expected num_experts * pairs < 2^31"
+    )]
+    TooManyPairs {
+        /// `T * K`.
+        pairs: usize,
+        /// E.
+        num_experts: usize,
+    },
     /// The priority tensor's shape differs from the expert ids'.
     #[error("priority shape {priority:?} differs from expert_ids shape {ids:?}")]
     PriorityShape {

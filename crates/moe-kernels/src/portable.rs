@@ -29,6 +29,9 @@ pub fn plan<B: Backend>(
     }
     let device = expert_ids.device();
     let pairs = tokens * top_k;
+    if (num_experts as u64) * (pairs as u64) >= 1 << 31 {
+        return Err(KernelError::TooManyPairs { pairs, num_experts });
+    }
     if pairs == 0 {
         let zeros = Tensor::<B, 1, Int>::zeros([num_experts], &device);
         return Ok(DispatchPlan {
@@ -248,6 +251,15 @@ mod tests {
         assert_eq!(rows_of(&plan)[0], 6);
         assert_eq!(rows_of(&plan)[2], 0);
         assert_eq!(rows_of(&plan)[4], 1);
+    }
+
+    #[test]
+    fn sort_keys_that_overflow_32_bits_are_a_typed_error() {
+        // 2^16 tokens x 1 slot over 2^15 experts: the keys reach 2^31. No tensor that large is
+        // built: the check runs first.
+        let ids = Tensor::<B, 2, Int>::zeros([1 << 16, 1], &Default::default());
+        let err = plan::<B>(ids, None, 1 << 15, CapacityLimit::Dropless, DispatchLayout::Padded).unwrap_err();
+        assert_eq!(err, KernelError::TooManyPairs { pairs: 1 << 16, num_experts: 1 << 15 });
     }
 
     #[test]

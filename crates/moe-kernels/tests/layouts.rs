@@ -1,11 +1,10 @@
 //! Both dispatch layouts against a host loop, forward and gradients, on random routings.
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use moe_kernels::{CapacityLimit, DispatchLayout, portable};
 use proptest::prelude::*;
-
-type B = Autodiff<NdArray>;
 
 /// `out[t] = sum_k w[t,k] * x[t] @ m[ids[t,k]]`, over the kept pairs, as plain loops.
 fn host_reference(
@@ -33,6 +32,61 @@ fn host_reference(
     out
 }
 
+/// Runs both layouts on one random routing and checks them against the host loop.
+fn check_layouts<B: AutodiffBackend>(
+    (t, k, e, a, b): (usize, usize, usize, usize, usize),
+    factor: Option<f64>,
+    seed: u64,
+) {
+    let device = Default::default();
+    B::seed(&device, seed);
+    let ids = Tensor::<B, 2>::random([t, k], Distribution::Uniform(0.0, e as f64), &device).int();
+    let x = Tensor::<B, 2>::random([t, a], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let m = Tensor::<B, 3>::random([e, a, b], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let w = Tensor::<B, 2>::random([t, k], Distribution::Uniform(0.0, 1.0), &device);
+    let limit = factor.map_or(CapacityLimit::Dropless, CapacityLimit::Factor);
+
+    let ids_host: Vec<i64> = ids.to_data().iter::<i64>().collect();
+    let cap = limit.rows_per_expert(t * k, e).unwrap_or(usize::MAX);
+    let mut seen = vec![0usize; e];
+    let kept: Vec<bool> = ids_host
+        .iter()
+        .map(|&i| {
+            seen[i as usize] += 1;
+            seen[i as usize] <= cap
+        })
+        .collect();
+    let host = |t: Tensor<B, 2>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
+    let expected = host_reference(
+        &host(x.clone()),
+        &m.to_data().iter::<f32>().collect::<Vec<_>>(),
+        &ids_host,
+        &host(w.clone()),
+        &kept,
+        (t, k, a, b),
+    );
+
+    let mut grads_by_layout = Vec::new();
+    for layout in [DispatchLayout::Padded, DispatchLayout::Segments] {
+        let plan = portable::plan(ids.clone(), None, e, limit, layout).unwrap();
+        assert_eq!(plan.dropped(), kept.iter().filter(|&&k| !k).count());
+        let rows = portable::permute(x.clone(), &plan);
+        let out = portable::combine(portable::grouped_matmul(rows, m.clone(), &plan), w.clone(), &plan);
+        let got = host(out.clone());
+        for (g, r) in got.iter().zip(&expected) {
+            assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "{layout:?}: {g} vs {r}");
+        }
+        let grads = out.powi_scalar(2).sum().backward();
+        let gx: Vec<f32> = x.grad(&grads).unwrap().into_data().iter::<f32>().collect();
+        let gm: Vec<f32> = m.grad(&grads).unwrap().into_data().iter::<f32>().collect();
+        grads_by_layout.push((gx, gm));
+    }
+    let (padded, segments) = (&grads_by_layout[0], &grads_by_layout[1]);
+    for (p, s) in padded.0.iter().chain(&padded.1).zip(segments.0.iter().chain(&segments.1)) {
+        assert!((p - s).abs() <= 1e-4 * (1.0 + p.abs()));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -41,46 +95,15 @@ proptest! {
         t in 1usize..12, k in 1usize..4, e in 1usize..7, a in 1usize..6, b in 1usize..6,
         factor in prop::option::of(0.3f64..2.0), seed in any::<u64>(),
     ) {
-        let device = Default::default();
-        B::seed(&device, seed);
-        let ids = Tensor::<B, 2>::random([t, k], Distribution::Uniform(0.0, e as f64), &device).int();
-        let x = Tensor::<B, 2>::random([t, a], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let m = Tensor::<B, 3>::random([e, a, b], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let w = Tensor::<B, 2>::random([t, k], Distribution::Uniform(0.0, 1.0), &device);
-        let limit = factor.map_or(CapacityLimit::Dropless, CapacityLimit::Factor);
-
-        let ids_host: Vec<i64> = ids.to_data().iter::<i64>().collect();
-        let cap = limit.rows_per_expert(t * k, e).unwrap_or(usize::MAX);
-        let mut seen = vec![0usize; e];
-        let kept: Vec<bool> = ids_host.iter().map(|&i| { seen[i as usize] += 1; seen[i as usize] <= cap }).collect();
-        let host = |t: Tensor<B, 2>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
-        let expected = host_reference(
-            &host(x.clone()), &m.to_data().iter::<f32>().collect::<Vec<_>>(), &ids_host, &host(w.clone()), &kept, (t, k, a, b));
-
-        let mut grads_by_layout = Vec::new();
-        for layout in [DispatchLayout::Padded, DispatchLayout::Segments] {
-            let plan = portable::plan(ids.clone(), None, e, limit, layout).unwrap();
-            prop_assert_eq!(plan.dropped(), kept.iter().filter(|&&k| !k).count());
-            let rows = portable::permute(x.clone(), &plan);
-            let out = portable::combine(portable::grouped_matmul(rows, m.clone(), &plan), w.clone(), &plan);
-            let got = host(out.clone());
-            for (g, r) in got.iter().zip(&expected) {
-                prop_assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "{:?}: {} vs {}", layout, g, r);
-            }
-            let grads = out.powi_scalar(2).sum().backward();
-            let gx: Vec<f32> = x.grad(&grads).unwrap().into_data().iter::<f32>().collect();
-            let gm: Vec<f32> = m.grad(&grads).unwrap().into_data().iter::<f32>().collect();
-            grads_by_layout.push((gx, gm));
-        }
-        let (padded, segments) = (&grads_by_layout[0], &grads_by_layout[1]);
-        for (p, s) in padded.0.iter().chain(&padded.1).zip(segments.0.iter().chain(&segments.1)) {
-            prop_assert!((p - s).abs() <= 1e-4 * (1.0 + p.abs()));
-        }
+        check_layouts::<Autodiff<NdArray>>((t, k, e, a, b), factor, seed);
+        // Flex is the benches' CPU backend: 32-bit ints, its own sort and scatter.
+        check_layouts::<Autodiff<Flex>>((t, k, e, a, b), factor, seed);
     }
 }
 
 #[test]
 fn an_empty_batch_plans_and_combines_to_nothing() {
+    type B = Autodiff<NdArray>;
     let device = Default::default();
     for layout in [DispatchLayout::Padded, DispatchLayout::Segments] {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(Vec::<i64>::new(), [0, 2]), &device);
