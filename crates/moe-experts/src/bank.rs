@@ -64,9 +64,7 @@ impl<B: MoeBackend> ExpertBank<B> {
     ) -> Result<(Tensor<B, 2>, DispatchPlan<B>), MoeError> {
         let plan = B::moe_plan(expert_ids, priority, self.num_experts(), limit)?;
         let rows = B::moe_permute(x, &plan);
-        let g = B::moe_grouped_matmul(rows.clone(), self.gate.val(), &plan);
-        let u = B::moe_grouped_matmul(rows, self.up.val(), &plan);
-        let y = B::moe_grouped_matmul(silu(g) * u, self.down.val(), &plan);
+        let y = B::moe_grouped_swiglu(rows, self.gate.val(), self.up.val(), self.down.val(), &plan);
         Ok((B::moe_combine(y, weights, &plan), plan))
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! The data path is: [`MoeBackend::moe_plan`] (sort the (token, slot) pairs by expert),
 //! [`MoeBackend::moe_permute`] (gather token rows into the dispatch layout),
-//! [`MoeBackend::moe_grouped_matmul`] (one matmul per expert segment),
+//! [`MoeBackend::moe_grouped_swiglu`] (each expert's SwiGLU on its segment, built on
+//! [`MoeBackend::moe_grouped_matmul`]),
 //! [`MoeBackend::moe_combine`] (weighted sum of each token's K expert outputs).
 //!
 //! ```
@@ -82,6 +83,20 @@ pub trait MoeBackend: Backend {
         plan: &DispatchPlan<Self>,
     ) -> Tensor<Self, 2> {
         portable::grouped_matmul(rows, weights, plan)
+    }
+
+    /// Each expert's SwiGLU on its segment: `down_e(silu(rows gate_e) * (rows up_e))`, with
+    /// `gate`, `up` `[E, d, h]` and `down` `[E, h, d]`. The `Segments` layout runs the whole MLP
+    /// one segment at a time, so its `[n, h]` intermediates stay in cache; `Padded` runs three
+    /// grouped matmuls.
+    fn moe_grouped_swiglu(
+        rows: Tensor<Self, 2>,
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        down: Tensor<Self, 3>,
+        plan: &DispatchPlan<Self>,
+    ) -> Tensor<Self, 2> {
+        portable::grouped_swiglu::<Self>(rows, gate, up, down, plan)
     }
 
     /// Returns `out[t] = sum_k weights[t, k] * rows[row of (t, k)]`, `[T, d]`; a dropped

@@ -8,7 +8,9 @@
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, backend::Backend};
 
-use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError};
+use burn::tensor::activation::silu;
+
+use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend};
 
 /// See [`crate::MoeBackend::moe_plan`].
 pub fn plan<B: Backend>(
@@ -145,22 +147,59 @@ pub fn grouped_matmul<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, pla
             let c = plan.capacity;
             rows.reshape([e, c, a]).matmul(weights).reshape([e * c, b])
         }
+        DispatchLayout::Segments => per_segment(rows, plan, b, |expert, segment| {
+            segment.matmul(weights.clone().narrow(0, expert, 1).reshape([a, b]))
+        }),
+    }
+}
+
+/// See [`crate::MoeBackend::moe_grouped_swiglu`].
+pub fn grouped_swiglu<B: MoeBackend>(
+    rows: Tensor<B, 2>,
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+    plan: &DispatchPlan<B>,
+) -> Tensor<B, 2> {
+    match plan.layout {
+        DispatchLayout::Padded => {
+            let g = B::moe_grouped_matmul(rows.clone(), gate, plan);
+            let u = B::moe_grouped_matmul(rows, up, plan);
+            B::moe_grouped_matmul(silu(g) * u, down, plan)
+        }
         DispatchLayout::Segments => {
-            let mut start = 0;
-            let mut outputs = Vec::new();
-            for (expert, &n) in plan.segment_rows.iter().enumerate() {
-                if n > 0 {
-                    let w = weights.clone().narrow(0, expert, 1).reshape([a, b]);
-                    outputs.push(rows.clone().narrow(0, start, n).matmul(w));
-                    start += n;
-                }
-            }
-            if outputs.is_empty() {
-                return Tensor::<B, 2>::zeros([0, b], &rows.device()).cast(rows.dtype());
-            }
-            Tensor::cat(outputs, 0)
+            let [_, d, h] = gate.dims();
+            let expert =
+                |w: &Tensor<B, 3>, e: usize, rows: usize, cols: usize| w.clone().narrow(0, e, 1).reshape([rows, cols]);
+            per_segment(rows, plan, d, |e, x| {
+                let g = x.clone().matmul(expert(&gate, e, d, h));
+                let u = x.matmul(expert(&up, e, d, h));
+                (silu(g) * u).matmul(expert(&down, e, h, d))
+            })
         }
     }
+}
+
+/// Applies `f(expert, segment_rows)` to every non-empty segment of a `Segments` layout and
+/// stacks the results (`[rows, width]`).
+fn per_segment<B: Backend>(
+    rows: Tensor<B, 2>,
+    plan: &DispatchPlan<B>,
+    width: usize,
+    f: impl Fn(usize, Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let mut start = 0;
+    let mut outputs = Vec::new();
+    for (expert, &n) in plan.segment_rows.iter().enumerate() {
+        if n > 0 {
+            outputs.push(f(expert, rows.clone().narrow(0, start, n)));
+            start += n;
+        }
+    }
+    if outputs.is_empty() {
+        return Tensor::<B, 2>::zeros([0, width], &rows.device()).cast(rows.dtype());
+    }
+    Tensor::cat(outputs, 0)
 }
 
 /// See [`crate::MoeBackend::moe_combine`].
@@ -170,19 +209,18 @@ pub fn combine<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &Dis
     if t * k == 0 {
         return Tensor::<B, 2>::zeros([t, d], &rows.device()).cast(rows.dtype());
     }
-    // Weighted scatter-add of each pair's row into its token. On NdArray this is 3x faster
-    // than gathering [T, K, d] and summing over K; on GPUs its atomics make the last bit
-    // order-dependent, which a kernel backend avoids by overriding this method.
-    let zero_row = Tensor::<B, 2>::zeros([1, d], &rows.device()).cast(rows.dtype());
-    let extended = Tensor::cat(vec![rows, zero_row], 0);
-    let weights = weights.cast(extended.dtype()).reshape([t * k, 1]);
-    let picked = extended.select(0, plan.row_of_pair.clone()) * weights;
-    Tensor::<B, 2>::zeros([t, d], &picked.device()).cast(picked.dtype()).select_assign(
-        0,
-        plan.token_of_pair.clone(),
-        picked,
-        IndexingUpdateOp::Add,
-    )
+    // Scale each row by its pair's weight, then scatter-add the rows straight into their
+    // tokens: no [N, d] gather. Row 0 of the output absorbs the padding rows (source 0).
+    let rows_total = rows.dims()[0];
+    let row_weight = Tensor::<B, 1>::zeros([rows_total + 1], &rows.device())
+        .cast(rows.dtype())
+        .scatter(0, plan.row_of_pair.clone(), weights.cast(rows.dtype()).reshape([t * k]), IndexingUpdateOp::Add)
+        .narrow(0, 0, rows_total);
+    let scaled = rows * row_weight.reshape([rows_total, 1]);
+    Tensor::<B, 2>::zeros([t + 1, d], &scaled.device())
+        .cast(scaled.dtype())
+        .select_assign(0, plan.source_of_row.clone(), scaled, IndexingUpdateOp::Add)
+        .narrow(0, 1, t)
 }
 
 #[cfg(test)]
