@@ -49,8 +49,6 @@ pub struct DispatchPlan<B: Backend> {
     pub(crate) segment_rows: Vec<usize>,
     /// `[N]`: the dispatch row of each pair, token-major (`pair = t * K + k`).
     pub(crate) row_of_pair: Tensor<B, 1, Int>,
-    /// `[N]`: the token of each pair (`pair / K`).
-    pub(crate) token_of_pair: Tensor<B, 1, Int>,
     /// `[rows]`: 1 + the token each row reads, 0 for padding.
     pub(crate) source_of_row: Tensor<B, 1, Int>,
     /// `[E]` on the device: pairs routed to each expert, before drops.

@@ -44,7 +44,6 @@ pub fn plan<B: Backend>(
             layout,
             segment_rows: vec![if layout == DispatchLayout::Padded { 1 } else { 0 }; num_experts],
             row_of_pair: Tensor::zeros([0], &device),
-            token_of_pair: Tensor::zeros([0], &device),
             source_of_row: if layout == DispatchLayout::Padded { zeros.clone() } else { Tensor::zeros([0], &device) },
             counts_device: zeros,
             counts: vec![0; num_experts],
@@ -104,9 +103,9 @@ pub fn plan<B: Backend>(
     let kept = rank.clone().lower_elem(kept_per_expert as i64);
     // Dropped pairs point at the zero row after the last segment.
     let row_of_pair = start_of_expert.select(0, clamped).add(rank).mask_fill(kept.bool_not(), total_rows as i64);
-    let token_of_pair = pair_index.div_scalar(top_k as i64);
+    let token_plus_one = pair_index.div_scalar(top_k as i64).add_scalar(1);
     let source_of_row = Tensor::<B, 1, Int>::zeros([total_rows + 1], &device)
-        .scatter(0, row_of_pair.clone(), token_of_pair.clone().add_scalar(1), IndexingUpdateOp::Add)
+        .scatter(0, row_of_pair.clone(), token_plus_one, IndexingUpdateOp::Add)
         .narrow(0, 0, total_rows);
 
     Ok(DispatchPlan {
@@ -117,7 +116,6 @@ pub fn plan<B: Backend>(
         layout,
         segment_rows,
         row_of_pair,
-        token_of_pair,
         source_of_row,
         counts_device,
         counts,
