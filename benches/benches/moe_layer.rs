@@ -58,6 +58,11 @@ fn forward_backward(c: &mut Criterion) {
                 x.grad(&grads).expect("input gradient").into_data()
             })
         });
+        // The oracle loop's backward writes a full-size gradient per expert (burn's `select`
+        // and `narrow` backward): over 100 s an iteration at E = 256, so it stops at E = 64.
+        if e > 64 {
+            continue;
+        }
         group.bench_function(BenchmarkId::new("loop", name(e, k, s)), |b| {
             b.iter(|| {
                 let y = layer.forward_loop(x.clone()).expect("valid");
