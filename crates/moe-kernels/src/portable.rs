@@ -60,7 +60,7 @@ pub fn plan<B: Backend>(
         Tensor::ones([pairs], &device),
         IndexingUpdateOp::Add,
     );
-    // The one host sync: counts size the padded layout; min/max validate the ids on the way.
+    // The one host sync: counts size the layout; min/max validate the ids on the way.
     let host: Vec<i64> =
         Tensor::cat(vec![counts_device.clone(), flat.clone().min(), flat.max()], 0).into_data().iter::<i64>().collect();
     let (min_id, max_id) = (host[num_experts], host[num_experts + 1]);
@@ -145,9 +145,9 @@ pub fn grouped_matmul<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, pla
             let c = plan.capacity;
             rows.reshape([e, c, a]).matmul(weights).reshape([e * c, b])
         }
-        DispatchLayout::Segments => per_segment(rows, plan, b, |expert, segment| {
-            segment.matmul(weights.clone().narrow(0, expert, 1).reshape([a, b]))
-        }),
+        DispatchLayout::Segments => {
+            per_segment(rows, plan, b, |expert, segment| segment.matmul(expert_matrix(&weights, expert)))
+        }
     }
 }
 
@@ -166,16 +166,20 @@ pub fn grouped_swiglu<B: MoeBackend>(
             B::moe_grouped_matmul(silu(g) * u, down, plan)
         }
         DispatchLayout::Segments => {
-            let [_, d, h] = gate.dims();
-            let expert =
-                |w: &Tensor<B, 3>, e: usize, rows: usize, cols: usize| w.clone().narrow(0, e, 1).reshape([rows, cols]);
+            let d = gate.dims()[1];
             per_segment(rows, plan, d, |e, x| {
-                let g = x.clone().matmul(expert(&gate, e, d, h));
-                let u = x.matmul(expert(&up, e, d, h));
-                (silu(g) * u).matmul(expert(&down, e, h, d))
+                let g = x.clone().matmul(expert_matrix(&gate, e));
+                let u = x.matmul(expert_matrix(&up, e));
+                (silu(g) * u).matmul(expert_matrix(&down, e))
             })
         }
     }
+}
+
+/// Expert `e`'s `[a, b]` matrix of stacked `[E, a, b]` weights.
+fn expert_matrix<B: Backend>(weights: &Tensor<B, 3>, e: usize) -> Tensor<B, 2> {
+    let [_, a, b] = weights.dims();
+    weights.clone().narrow(0, e, 1).reshape([a, b])
 }
 
 /// Applies `f(expert, segment_rows)` to every non-empty segment of a `Segments` layout and
