@@ -9,7 +9,7 @@ use burn::module::Param;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use moe_router::{RouterConfig, ScoreFunction};
 use safetensors::{Dtype, SafeTensors};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{ExpertBank, MoeError, MoeLayer, MoeLayerConfig, SwiGlu};
@@ -60,7 +60,7 @@ pub enum LoadError {
 }
 
 /// The MoE keys of an HF DeepSeek-V3 `config.json` (unknown keys are ignored).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HfMoeConfig {
     /// d.
     pub hidden_size: usize,

@@ -1,0 +1,48 @@
+use burn::module::Module;
+use burn::nn::RmsNorm;
+use burn::tensor::{Tensor, backend::Backend};
+use moe_experts::{MoeAux, MoeBackend, MoeError, MoeLayer, SwiGlu};
+
+use crate::Attention;
+
+/// A block's feed-forward: dense in the first `first_k_dense_replace` blocks, MoE after.
+// One per block, so the size gap costs nothing; burn has no `Module` for `Box` to shrink it.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum FeedForward<B: Backend> {
+    /// A dense SwiGLU of width `intermediate_size`.
+    Dense(SwiGlu<B>),
+    /// An MoE layer.
+    Moe(MoeLayer<B>),
+}
+
+/// Pre-norm decoder block: `x + attn(norm(x))`, then `h + ffn(norm(h))`.
+#[derive(Module, Debug)]
+pub struct DecoderBlock<B: Backend> {
+    /// Norm before attention.
+    pub attention_norm: RmsNorm<B>,
+    /// Attention.
+    pub attention: Attention<B>,
+    /// Norm before the feed-forward.
+    pub ffn_norm: RmsNorm<B>,
+    /// Feed-forward.
+    pub ffn: FeedForward<B>,
+}
+
+impl<B: MoeBackend> DecoderBlock<B> {
+    /// `x` `[batch, seq, d]` -> the block's output and, for an MoE block, its aux record.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), MoeError> {
+        let h = x.clone() + self.attention.forward(self.attention_norm.forward(x));
+        let normed = self.ffn_norm.forward(h.clone());
+        Ok(match &self.ffn {
+            FeedForward::Dense(mlp) => {
+                let [b, l, d] = normed.dims();
+                (h + mlp.forward(normed.reshape([b * l, d])).reshape([b, l, d]), None)
+            }
+            FeedForward::Moe(moe) => {
+                let (y, aux) = moe.forward(normed)?;
+                (h + y, Some(aux))
+            }
+        })
+    }
+}
