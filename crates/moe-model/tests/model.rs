@@ -5,6 +5,7 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor};
+use moe_balance::{BiasBalancer, BiasUpdateConfig, LoadTracker};
 use moe_model::{DeepSeekConfig, ModelConfigError, ModelError};
 
 type B = NdArray;
@@ -78,8 +79,8 @@ fn too_long_a_sequence_is_a_typed_error() {
     assert_eq!(model.forward(tokens).unwrap_err(), ModelError::SequenceTooLong { got: 17, max: 16 });
 }
 
-/// The model learns a fixed sequence (next-token prediction), every parameter gets a
-/// gradient, and the MoE blocks report their records.
+/// The model learns a fixed sequence (next-token prediction) with the balance loss and the
+/// loss-free bias update, every parameter gets a gradient, and the biases move.
 #[test]
 fn it_learns_a_sequence() {
     type Ad = Autodiff<NdArray>;
@@ -91,15 +92,28 @@ fn it_learns_a_sequence() {
     let mut optim = AdamWConfig::new().init();
     let mut losses = Vec::new();
     let trainable = trainable_params(&model);
+    let balancer = BiasBalancer::new(BiasUpdateConfig::new());
+    let mut tracker = LoadTracker::<Ad>::new(2, 8);
     for _ in 0..40 {
         let out = model.forward(inputs.clone()).unwrap();
         assert_eq!(out.moe.len(), 2);
+        for (layer, aux) in out.moe.iter().enumerate() {
+            tracker.record(layer, aux.counts.clone());
+        }
         let task = CrossEntropyLossConfig::new().init(&device).forward(out.logits.reshape([15, 32]), targets.clone());
         let balance = out.moe.iter().filter_map(|aux| aux.loss()).reduce(|a, b| a + b).unwrap();
         losses.push(task.clone().into_scalar());
         let grads = GradientsParams::from_grads((task + balance).backward(), &model);
         assert_eq!(grads.len(), trainable, "every trainable parameter gets a gradient");
         model = optim.step(1e-2, model, grads);
+        for (layer, load) in model.moe_layers_mut().zip(tracker.take()) {
+            layer.apply_bias_delta(&balancer.bias_delta(&load));
+        }
+    }
+    // 15 tokens x top-2 over 8 experts can never balance exactly: each layer's biases moved.
+    for layer in model.moe_layers_mut() {
+        let bias: Vec<f32> = layer.router.bias().into_data().iter::<f32>().collect();
+        assert!(bias.iter().any(|b| b.abs() > 1e-3), "{bias:?}");
     }
     assert!(losses[0] > 3.0, "starts near ln 32: {}", losses[0]);
     assert!(*losses.last().unwrap() < 0.5, "losses: {losses:?}");
