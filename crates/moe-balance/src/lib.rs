@@ -6,6 +6,7 @@
 //!   once per optimizer step, outside autodiff.
 //! - [`losses`]: the sequence-wise balance loss, the Switch/GShard batch aux loss, the z-loss.
 //! - [`metrics`]: MaxVio per batch and over an eval set, load histograms, a collapse alarm.
+//! - [`trace`]: [`RoutingTrace`], the experts every token chose per layer, as a binary file.
 //!
 //! ```
 //! use burn::backend::NdArray;
@@ -27,7 +28,9 @@
 mod bias;
 pub mod losses;
 pub mod metrics;
+pub mod trace;
 mod tracker;
 
 pub use bias::{BiasBalancer, BiasUpdateConfig};
+pub use trace::{RoutingTrace, TraceError};
 pub use tracker::LoadTracker;
