@@ -1,0 +1,12 @@
+//! Expert parallelism: placement of experts on ranks and nodes, and the traffic it causes.
+//!
+//! - [`Placement`]: `E` experts over `R` ranks over `N` nodes, contiguous, so that routing
+//!   groups equal to nodes make DeepSeek-V3's group limit a node limit.
+//! - [`sim`]: a traffic simulator for one MoE layer on a cluster: nodes reached per token,
+//!   InfiniBand and NVLink bytes, all-to-all time against expert compute, per-GPU load.
+
+mod placement;
+mod rng;
+pub mod sim;
+
+pub use placement::{Placement, PlacementError};
