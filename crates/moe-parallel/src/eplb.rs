@@ -16,17 +16,19 @@
 //! chance, so each replica carries an equal share of the expert's load.
 //!
 //! ```
-//! use moe_parallel::eplb::{ReplicaPlan, max_violation};
+//! use moe_parallel::eplb::ReplicaPlan;
 //!
-//! // 8 experts, 2 groups, 2 nodes, 4 GPUs, 3 slots per GPU (4 spare).
-//! let load = [800, 40, 40, 40, 100, 100, 100, 100];
-//! let plan = ReplicaPlan::rebalance(&load, 2, 2, 4, 12).unwrap();
+//! // 8 experts in 4 groups, 2 nodes of 2 GPUs, 3 slots per GPU (4 spare).
+//! let load = [300, 40, 40, 40, 100, 100, 100, 100];
+//! let plan = ReplicaPlan::rebalance(&load, 4, 2, 4, 12).unwrap();
 //! assert!(plan.replicas()[0] >= 2); // the hot expert got spare slots
-//! let after = max_violation(&plan.rank_loads(&load));
-//! assert!(after < 0.2, "{after}");
-//! ```
+//! let (before, after) = plan.max_violation_before_after(&load).unwrap();
+//! assert!(after < before / 2.0, "{before} -> {after}");
+//! //! ```
 
 use thiserror::Error;
+
+use crate::Placement;
 
 /// A rebalancing that cannot be done: names the values and what was expected.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -232,6 +234,18 @@ impl ReplicaPlan {
         &self.replicas
     }
 
+    /// Per-rank MaxVio of `load` on the contiguous placement (`E / R` experts per rank, no
+    /// replica) and on this plan, or `None` when `E` is not a multiple of the ranks or `load`
+    /// is not the plan's `E` long.
+    pub fn max_violation_before_after(&self, load: &[u64]) -> Option<(f64, f64)> {
+        if load.len() != self.replicas.len() {
+            return None;
+        }
+        let contiguous = Placement::new(load.len(), self.num_ranks(), 1).ok()?.rank_loads(load)?;
+        let before = max_violation(&contiguous.iter().map(|&l| l as f64).collect::<Vec<_>>());
+        Some((before, max_violation(&self.rank_loads(load))))
+    }
+
     /// Per-rank load when each expert's `load` is split evenly over its replicas. `load`
     /// entries past the plan's experts are ignored, missing ones count as 0.
     pub fn rank_loads(&self, load: &[u64]) -> Vec<f64> {
@@ -247,7 +261,6 @@ impl ReplicaPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Placement;
     use crate::rng::SplitMix64;
 
     /// Zipf(s) load over `experts` with a seeded random popularity order.
@@ -298,6 +311,7 @@ mod tests {
             let contiguous = Placement::new(experts, ranks, nodes).unwrap().rank_loads(&load).unwrap();
             let before = max_violation(&contiguous.iter().map(|&l| l as f64).collect::<Vec<_>>());
             let after = max_violation(&plan.rank_loads(&load));
+            assert_eq!(plan.max_violation_before_after(&load), Some((before, after)));
             assert!(before > 1.0, "seed {seed}: before {before}");
             assert!(after < before / 4.0, "seed {seed}: before {before}, after {after}");
         }

@@ -276,6 +276,7 @@ fn scenario(config: &SimConfig, name: String, node_limit: Option<usize>, c: Traf
         compute_time_s: (max_rows + shared_rows) * flops_per_row / (config.gpu_tflops * 1e12),
         rank_max_violation: max_violation(&c.rows),
         rank_rows: c.rows,
+        expert_load: c.expert_load,
     }
 }
 

@@ -40,6 +40,8 @@ pub struct ScenarioReport {
     pub compute_time_s: f64,
     /// (token, expert) rows each rank computes.
     pub rank_rows: Vec<u64>,
+    /// Tokens routed to each expert (`[E]`): the load an EPLB plan is made from.
+    pub expert_load: Vec<u64>,
     /// MaxVio of `rank_rows`: (max - mean) / mean.
     pub rank_max_violation: f64,
 }

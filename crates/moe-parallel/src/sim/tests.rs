@@ -79,6 +79,8 @@ fn bytes_are_conserved_and_times_follow_the_bytes() {
         assert_eq!(s.ib_bytes_sent % (c.hidden as u64 * 3), 0);
         // Every (token, expert) pair is computed once.
         assert_eq!(s.rank_rows.iter().sum::<u64>(), s.tokens * c.top_k as u64);
+        let by_rank: Vec<u64> = s.expert_load.chunks(2).map(|pair| pair.iter().sum()).collect();
+        assert_eq!(by_rank, s.rank_rows);
         // Combine moves the same copies at 2 bytes instead of 1.
         assert!((s.combine_time_s - 2.0 * s.dispatch_time_s).abs() < 1e-15);
         let max_rows = *s.rank_rows.iter().max().unwrap() as f64;

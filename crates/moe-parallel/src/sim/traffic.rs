@@ -20,6 +20,8 @@ pub(crate) struct TrafficCounter {
     pub(crate) nvlink_in: Vec<u64>,
     /// (token, expert) rows each rank computes.
     pub(crate) rows: Vec<u64>,
+    /// Tokens routed to each expert.
+    pub(crate) expert_load: Vec<u64>,
     /// Tokens counted.
     pub(crate) tokens: u64,
     /// Sum and maximum over tokens of the distinct nodes reached.
@@ -41,6 +43,7 @@ impl TrafficCounter {
             nvlink_out: vec![0; r],
             nvlink_in: vec![0; r],
             rows: vec![0; r],
+            expert_load: vec![0; placement.num_experts()],
             tokens: 0,
             nodes_sum: 0,
             nodes_max: 0,
@@ -57,6 +60,7 @@ impl TrafficCounter {
         let (origin_node, origin_local) = (origin / per_node, origin % per_node);
         self.dest_ranks.clear();
         self.dest_ranks.extend(ids.iter().map(|&e| e / per_rank));
+        ids.iter().for_each(|&e| self.expert_load[e] += 1);
         for &rank in &self.dest_ranks {
             self.rows[rank] += 1;
         }
@@ -107,6 +111,8 @@ mod tests {
         assert_eq!(c.nvlink_out, vec![0, 1, 0, 0, 0, 1, 0, 0]);
         assert_eq!(c.nvlink_in, vec![0, 0, 1, 0, 0, 0, 0, 1]);
         assert_eq!(c.rows, vec![0, 2, 1, 0, 0, 1, 0, 1]);
+        assert_eq!(c.expert_load.iter().sum::<u64>(), 5);
+        assert_eq!((c.expert_load[10], c.expert_load[11]), (1, 0));
         assert_eq!((c.nodes_sum, c.nodes_max, c.gpus_sum), (2, 2, 4));
 
         // Token on rank 6 (node 1, local 2) choosing only node-0 experts 0 and 1 (rank 0):
