@@ -150,14 +150,20 @@ impl HfMoeConfig {
     }
 }
 
+/// Where [`load_moe_layer_from`] reads named tensors: one safetensors file here; a sharded,
+/// memory-mapped or quantized checkpoint in `moe-model`.
+pub trait TensorSource {
+    /// The tensor `name` as f32 values (row-major), checked against the `expected` shape.
+    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError>;
+}
+
 /// Reads tensors by name from one safetensors file, checking shape and dtype.
 struct Reader<'a> {
     file: SafeTensors<'a>,
 }
 
-impl Reader<'_> {
-    /// The tensor `name` as f32 values (row-major), checked against `expected` shape.
-    fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
+impl TensorSource for Reader<'_> {
+    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         let view = self.file.tensor(name).map_err(|_| LoadError::Missing(name.into()))?;
         if view.shape() != expected {
             return Err(LoadError::Shape {
@@ -166,36 +172,46 @@ impl Reader<'_> {
                 expected: expected.to_vec(),
             });
         }
-        let bytes = view.data();
-        let values = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => return Err(LoadError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
-        };
-        Ok(values)
+        decode_float(name, view.dtype(), view.data())
     }
+}
 
-    /// An HF `[out, in]` linear weight, transposed to `[in, out]`.
-    fn linear_t(&self, name: &str, out: usize, inp: usize) -> Result<Vec<f32>, LoadError> {
-        let w = self.read(name, &[out, inp])?;
-        let mut t = vec![0.0; w.len()];
-        for o in 0..out {
-            for i in 0..inp {
-                t[i * out + o] = w[o * inp + i];
-            }
-        }
-        Ok(t)
-    }
+/// Little-endian F32, BF16 or F16 bytes as f32 values; `name` is for the error.
+pub fn decode_float(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, LoadError> {
+    Ok(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => return Err(LoadError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+    })
+}
 
-    /// E per-expert `[out, in]` weights stacked as `[E, in, out]`.
-    fn stacked(&self, prefix: &str, proj: &str, experts: usize, out: usize, inp: usize) -> Result<Vec<f32>, LoadError> {
-        let mut all = Vec::with_capacity(experts * out * inp);
-        for e in 0..experts {
-            all.extend(self.linear_t(&format!("{prefix}.experts.{e}.{proj}.weight"), out, inp)?);
+/// An HF `[out, in]` linear weight, transposed to `[in, out]`.
+fn linear_t(source: &impl TensorSource, name: &str, out: usize, inp: usize) -> Result<Vec<f32>, LoadError> {
+    let w = source.read_f32(name, &[out, inp])?;
+    let mut t = vec![0.0; w.len()];
+    for o in 0..out {
+        for i in 0..inp {
+            t[i * out + o] = w[o * inp + i];
         }
-        Ok(all)
     }
+    Ok(t)
+}
+
+/// E per-expert `[out, in]` weights stacked as `[E, in, out]`.
+fn stacked(
+    source: &impl TensorSource,
+    prefix: &str,
+    proj: &str,
+    experts: usize,
+    out: usize,
+    inp: usize,
+) -> Result<Vec<f32>, LoadError> {
+    let mut all = Vec::with_capacity(experts * out * inp);
+    for e in 0..experts {
+        all.extend(linear_t(source, &format!("{prefix}.experts.{e}.{proj}.weight"), out, inp)?);
+    }
+    Ok(all)
 }
 
 fn param<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D], device: &B::Device) -> Param<Tensor<B, D>> {
@@ -211,10 +227,20 @@ pub fn load_moe_layer<B: Backend>(
     device: &B::Device,
 ) -> Result<MoeLayer<B>, LoadError> {
     let reader = Reader { file: SafeTensors::deserialize(safetensors_bytes)? };
+    load_moe_layer_from(config, &reader, prefix, device)
+}
+
+/// Loads the MoE layer under `prefix` from any [`TensorSource`], for a layer shaped by `config`.
+pub fn load_moe_layer_from<B: Backend>(
+    config: &MoeLayerConfig,
+    source: &impl TensorSource,
+    prefix: &str,
+    device: &B::Device,
+) -> Result<MoeLayer<B>, LoadError> {
     let mut layer = config.init::<B>(device)?;
     let (e, d, h) = (config.router.num_experts, config.router.d_model, config.expert_hidden);
-    layer.router.weight = param(reader.read(&format!("{prefix}.gate.weight"), &[e, d])?, [e, d], device);
-    let bias = reader.read(&format!("{prefix}.gate.e_score_correction_bias"), &[e]);
+    layer.router.weight = param(source.read_f32(&format!("{prefix}.gate.weight"), &[e, d])?, [e, d], device);
+    let bias = source.read_f32(&format!("{prefix}.gate.e_score_correction_bias"), &[e]);
     // greedy checkpoints (DeepSeek-V2 style) have no bias: keep zeros there.
     match bias {
         Ok(b) => layer.router.bias = param(b, [e], device).set_require_grad(false),
@@ -222,17 +248,17 @@ pub fn load_moe_layer<B: Backend>(
         Err(err) => return Err(err),
     }
     layer.experts = ExpertBank {
-        gate: param(reader.stacked(prefix, "gate_proj", e, h, d)?, [e, d, h], device),
-        up: param(reader.stacked(prefix, "up_proj", e, h, d)?, [e, d, h], device),
-        down: param(reader.stacked(prefix, "down_proj", e, d, h)?, [e, h, d], device),
+        gate: param(stacked(source, prefix, "gate_proj", e, h, d)?, [e, d, h], device),
+        up: param(stacked(source, prefix, "up_proj", e, h, d)?, [e, d, h], device),
+        down: param(stacked(source, prefix, "down_proj", e, d, h)?, [e, h, d], device),
     };
     if config.num_shared > 0 {
         let sh = config.num_shared * h;
         let name = |p: &str| format!("{prefix}.shared_experts.{p}.weight");
         layer.shared = Some(SwiGlu {
-            gate: param(reader.linear_t(&name("gate_proj"), sh, d)?, [d, sh], device),
-            up: param(reader.linear_t(&name("up_proj"), sh, d)?, [d, sh], device),
-            down: param(reader.linear_t(&name("down_proj"), d, sh)?, [sh, d], device),
+            gate: param(linear_t(source, &name("gate_proj"), sh, d)?, [d, sh], device),
+            up: param(linear_t(source, &name("up_proj"), sh, d)?, [d, sh], device),
+            down: param(linear_t(source, &name("down_proj"), d, sh)?, [sh, d], device),
         });
     }
     Ok(layer)

@@ -2,12 +2,19 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, RotaryEncoding, RotaryEncodingConfig};
 use burn::tensor::{Bool, Tensor, activation::softmax, backend::Backend};
 
-/// The attention of a decoder block. An enum so that MLA can join as a variant without
-/// touching the blocks.
+use crate::MlaAttention;
+use crate::cache::{HeadCache, LatentCache, LayerCache};
+
+/// The attention of a decoder block: MLA for HF DeepSeek configurations (`kv_lora_rank` set),
+/// multi-head otherwise.
+// One per block, so the size gap costs nothing; burn has no `Module` for `Box` to shrink it.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Attention<B: Backend> {
     /// Multi-head attention with RoPE.
     MultiHead(MultiHeadAttention<B>),
+    /// Multi-head latent attention (DeepSeek-V3).
+    Latent(MlaAttention<B>),
 }
 
 impl<B: Backend> Attention<B> {
@@ -15,6 +22,25 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Self::MultiHead(mha) => mha.forward(x),
+            Self::Latent(mla) => mla.forward(x),
+        }
+    }
+
+    /// An empty cache of the kind this attention keeps.
+    pub fn new_cache(&self) -> LayerCache<B> {
+        match self {
+            Self::MultiHead(_) => LayerCache::Heads(HeadCache::default()),
+            Self::Latent(_) => LayerCache::Latent(LatentCache::default()),
+        }
+    }
+
+    /// Self-attention for new tokens `x` after those in `cache` (which gains them); `None`
+    /// when `cache` is of the other kind.
+    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>) -> Option<Tensor<B, 3>> {
+        match (self, cache) {
+            (Self::MultiHead(mha), LayerCache::Heads(cache)) => Some(mha.forward_cached(x, cache)),
+            (Self::Latent(mla), LayerCache::Latent(cache)) => Some(mla.forward_cached(x, cache)),
+            _ => None,
         }
     }
 }
@@ -51,15 +77,23 @@ impl<B: Backend> MultiHeadAttention<B> {
 
     /// `x` `[batch, seq, d]` -> `[batch, seq, d]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_cached(x, &mut HeadCache::default())
+    }
+
+    /// Attention for new tokens `x` `[batch, seq, d]` after the tokens in `cache`, which gains
+    /// their rotated keys and values.
+    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut HeadCache<B>) -> Tensor<B, 3> {
         let [b, l, d] = x.dims();
-        let q = self.rope.forward(self.split_heads(self.query.forward(x.clone())));
-        let k = self.rope.forward(self.split_heads(self.key.forward(x.clone())));
-        let v = self.split_heads(self.value.forward(x));
+        let start = cache.len();
+        let q = self.rope.apply(self.split_heads(self.query.forward(x.clone())), start);
+        let k = self.rope.apply(self.split_heads(self.key.forward(x.clone())), start);
+        let (k, v) = cache.append(k, self.split_heads(self.value.forward(x)));
+        let t = start + l;
         let scale = 1.0 / ((d / self.heads) as f64).sqrt();
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        // True above the diagonal: the future, which a causal model must not see.
-        let future = Tensor::<B, 2, Bool>::tril_mask([l, l], 0, &scores.device()).reshape([1, 1, l, l]);
-        let weights = softmax(scores.mask_fill(future.expand([b, self.heads, l, l]), f32::NEG_INFINITY), 3);
+        // True where the key lies after the query: the future, which a causal model must not see.
+        let future = Tensor::<B, 2, Bool>::tril_mask([l, t], start as i64, &scores.device()).reshape([1, 1, l, t]);
+        let weights = softmax(scores.mask_fill(future.expand([b, self.heads, l, t]), f32::NEG_INFINITY), 3);
         let out = weights.matmul(v).swap_dims(1, 2).reshape([b, l, d]);
         self.output.forward(out)
     }

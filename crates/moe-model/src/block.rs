@@ -3,7 +3,8 @@ use burn::nn::RmsNorm;
 use burn::tensor::{Tensor, backend::Backend};
 use moe_experts::{MoeAux, MoeBackend, MoeError, MoeLayer, SwiGlu};
 
-use crate::Attention;
+use crate::cache::LayerCache;
+use crate::{Attention, ModelError};
 
 /// A block's feed-forward: dense in the first `first_k_dense_replace` blocks, MoE after.
 // One per block, so the size gap costs nothing; burn has no `Module` for `Box` to shrink it.
@@ -33,6 +34,20 @@ impl<B: MoeBackend> DecoderBlock<B> {
     /// `x` `[batch, seq, d]` -> the block's output and, for an MoE block, its aux record.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), MoeError> {
         let h = x.clone() + self.attention.forward(self.attention_norm.forward(x));
+        self.feed_forward(h)
+    }
+
+    /// The block over new tokens `x` after those in `cache` (which gains them).
+    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>) -> Result<Tensor<B, 3>, ModelError> {
+        let attended = self
+            .attention
+            .forward_cached(self.attention_norm.forward(x.clone()), cache)
+            .ok_or(ModelError::CacheKind)?;
+        Ok(self.feed_forward(x + attended)?.0)
+    }
+
+    /// `h + ffn(norm(h))`.
+    fn feed_forward(&self, h: Tensor<B, 3>) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), MoeError> {
         let normed = self.ffn_norm.forward(h.clone());
         Ok(match &self.ffn {
             FeedForward::Dense(mlp) => {

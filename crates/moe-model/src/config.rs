@@ -3,6 +3,8 @@ use moe_experts::{MoeError, MoeLayerConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::rope::{RopeScaling, YarnScaling};
+
 /// The model's shape, with the field names of an HF DeepSeek-V3 `config.json`; the MoE keys
 /// (`n_routed_experts`, `num_experts_per_tok`, `n_group`, `topk_group`,
 /// `moe_intermediate_size`, `n_shared_experts`, `routed_scaling_factor`, `norm_topk_prob`,
@@ -34,6 +36,117 @@ pub struct DeepSeekConfig {
     /// Weight of the sequence-wise balance loss in each MoE block (not an HF key).
     #[serde(default = "default_seq_alpha")]
     pub seq_balance_alpha: f64,
+    /// MLA: rank of the query compression (`q_a_proj` → `q_a_layernorm` → `q_b_proj`);
+    /// `null` means a plain `q_proj`. Read only when `kv_lora_rank` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q_lora_rank: Option<usize>,
+    /// MLA: width of the compressed KV latent. Set: the blocks use MLA; absent: multi-head
+    /// attention of width `hidden_size / num_attention_heads` (the training runner's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_lora_rank: Option<usize>,
+    /// MLA: per-head width of the query/key part without rotary positions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_nope_head_dim: Option<usize>,
+    /// MLA: per-head width of the rotary part (the key's rotary part is shared by all heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_rope_head_dim: Option<usize>,
+    /// MLA: per-head width of the values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v_head_dim: Option<usize>,
+    /// RoPE scaling: `null`, or YaRN (`{"type": "yarn", "factor": ..., ...}`); MLA only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Whether the rotary part rotates adjacent pairs `(2i, 2i+1)` (DeepSeek's layout, the
+    /// HF default for `deepseek_v3`) rather than halves `(i, i + r/2)`.
+    #[serde(default = "default_true")]
+    pub rope_interleave: bool,
+    /// Whether the LM head reuses the token embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// HF key; only `silu` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    /// HF key; only `false` is supported (DeepSeek-V3's projections have no bias).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// HF key; only 1 (every block after the dense ones is MoE) is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe_layer_freq: Option<usize>,
+    /// HF key: the multi-token-prediction modules stored as `model.layers.<num_hidden_layers>..`.
+    /// They are a training aid and are not part of the next-token model: import skips them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_nextn_predict_layers: Option<usize>,
+    /// HF key: block-quantized FP8 weights, dequantized on import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<QuantizationConfig>,
+    /// HF key; `deepseek_v3` or `deepseek_v2` when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+}
+
+/// The `quantization_config` of DeepSeek-V3's released FP8 checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationConfig {
+    /// Only `fp8`.
+    pub quant_method: String,
+    /// Only `e4m3` when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fmt: Option<String>,
+    /// `[rows, cols]` of one scale block; `[128, 128]` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_block_size: Option<Vec<usize>>,
+    /// Activation quantization (`dynamic`): irrelevant once weights are dequantized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_scheme: Option<String>,
+}
+
+impl QuantizationConfig {
+    /// The validated `[rows, cols]` of one scale block.
+    pub fn block_size(&self) -> Result<[usize; 2], ModelConfigError> {
+        let bad =
+            |key, value: String, expected: &str| Err(ModelConfigError::Key { key, value, expected: expected.into() });
+        if self.quant_method != "fp8" {
+            return bad("quantization_config.quant_method", self.quant_method.clone(), "\"fp8\"");
+        }
+        if let Some(fmt) = &self.fmt
+            && fmt != "e4m3"
+        {
+            return bad("quantization_config.fmt", fmt.clone(), "\"e4m3\"");
+        }
+        match self.weight_block_size.as_deref() {
+            None => Ok([128, 128]),
+            Some(&[r, c]) if r > 0 && c > 0 => Ok([r, c]),
+            Some(other) => bad("quantization_config.weight_block_size", format!("{other:?}"), "two positive sizes"),
+        }
+    }
+}
+
+/// The attention shape of an MLA configuration, resolved from the optional keys.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlaDims {
+    /// Heads.
+    pub heads: usize,
+    /// `q_lora_rank` (None: plain `q_proj`).
+    pub q_lora_rank: Option<usize>,
+    /// `kv_lora_rank`.
+    pub kv_lora_rank: usize,
+    /// `qk_nope_head_dim`.
+    pub qk_nope: usize,
+    /// `qk_rope_head_dim`.
+    pub qk_rope: usize,
+    /// `v_head_dim`.
+    pub v_head: usize,
+}
+
+impl MlaDims {
+    /// Query/key width of one head.
+    pub fn qk_head(&self) -> usize {
+        self.qk_nope + self.qk_rope
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_eps() -> f64 {
@@ -83,7 +196,11 @@ impl DeepSeekConfig {
                 return key(name, &value, "at least 1".into());
             }
         }
-        if !d.is_multiple_of(self.num_attention_heads) || !(d / self.num_attention_heads).is_multiple_of(2) {
+        self.validate_hf_keys()?;
+        let mla = self.mla()?;
+        if mla.is_none()
+            && (!d.is_multiple_of(self.num_attention_heads) || !(d / self.num_attention_heads).is_multiple_of(2))
+        {
             return key(
                 "num_attention_heads",
                 &self.num_attention_heads,
@@ -106,7 +223,79 @@ impl DeepSeekConfig {
         if self.num_moe_layers() > 0 {
             self.moe_layer_config()?;
         }
+        let yarn = self.yarn()?;
+        if mla.is_none() && yarn.is_some() {
+            return key(
+                "rope_scaling",
+                &"yarn",
+                "null unless kv_lora_rank is set (YaRN is implemented for MLA)".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The keys only HF checkpoints carry: refuse what this model does not implement.
+    fn validate_hf_keys(&self) -> Result<(), ModelConfigError> {
+        let bad = |key: &'static str, value: String, expected: &str| {
+            Err(ModelConfigError::Key { key, value, expected: expected.into() })
+        };
+        if let Some(act) = &self.hidden_act
+            && act != "silu"
+        {
+            return bad("hidden_act", act.clone(), "\"silu\"");
+        }
+        if self.attention_bias == Some(true) {
+            return bad("attention_bias", "true".into(), "false");
+        }
+        if let Some(freq) = self.moe_layer_freq
+            && freq != 1
+        {
+            return bad("moe_layer_freq", freq.to_string(), "1");
+        }
+        if let Some(model_type) = &self.model_type
+            && model_type != "deepseek_v3"
+            && model_type != "deepseek_v2"
+        {
+            return bad("model_type", model_type.clone(), "\"deepseek_v3\" or \"deepseek_v2\"");
+        }
+        if let Some(quant) = &self.quantization_config {
+            quant.block_size()?;
+        }
+        Ok(())
+    }
+
+    /// The MLA shape when `kv_lora_rank` is set (then the other MLA keys are required).
+    pub fn mla(&self) -> Result<Option<MlaDims>, ModelConfigError> {
+        let Some(kv_lora_rank) = self.kv_lora_rank else { return Ok(None) };
+        let required = |key: &'static str, value: Option<usize>| match value {
+            Some(v) if v > 0 => Ok(v),
+            other => Err(ModelConfigError::Key {
+                key,
+                value: other.map_or("null".into(), |v| v.to_string()),
+                expected: "a positive integer when kv_lora_rank is set".into(),
+            }),
+        };
+        let dims = MlaDims {
+            heads: self.num_attention_heads,
+            q_lora_rank: self.q_lora_rank.map(|r| required("q_lora_rank", Some(r))).transpose()?,
+            kv_lora_rank: required("kv_lora_rank", Some(kv_lora_rank))?,
+            qk_nope: required("qk_nope_head_dim", self.qk_nope_head_dim)?,
+            qk_rope: required("qk_rope_head_dim", self.qk_rope_head_dim)?,
+            v_head: required("v_head_dim", self.v_head_dim)?,
+        };
+        if !dims.qk_rope.is_multiple_of(2) {
+            return Err(ModelConfigError::Key {
+                key: "qk_rope_head_dim",
+                value: dims.qk_rope.to_string(),
+                expected: "even (RoPE rotates pairs)".into(),
+            });
+        }
+        Ok(Some(dims))
+    }
+
+    /// The YaRN settings, if `rope_scaling` asks for YaRN.
+    pub fn yarn(&self) -> Result<Option<YarnScaling>, ModelConfigError> {
+        self.rope_scaling.as_ref().map_or(Ok(None), RopeScaling::resolve)
     }
 
     /// Blocks with an MoE layer.

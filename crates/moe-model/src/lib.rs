@@ -25,10 +25,16 @@
 
 mod attention;
 mod block;
+pub mod cache;
 mod config;
+pub mod hf;
+mod mla;
 mod model;
+pub mod rope;
 
 pub use attention::{Attention, MultiHeadAttention};
 pub use block::{DecoderBlock, FeedForward};
-pub use config::{DeepSeekConfig, ModelConfigError};
+pub use cache::KvCache;
+pub use config::{DeepSeekConfig, MlaDims, ModelConfigError, QuantizationConfig};
+pub use mla::{LowRankQuery, MlaAttention, MlaQuery};
 pub use model::{DeepSeekModel, ModelError, ModelOutput};

@@ -4,7 +4,9 @@ use burn::tensor::{Int, Tensor, backend::Backend};
 use moe_experts::{MoeAux, MoeBackend, MoeError, SwiGluConfig};
 use thiserror::Error;
 
-use crate::{Attention, DecoderBlock, DeepSeekConfig, FeedForward, ModelConfigError, MultiHeadAttention};
+use crate::cache::KvCache;
+use crate::rope::{RopeTables, plain_inv_freq};
+use crate::{Attention, DecoderBlock, DeepSeekConfig, FeedForward, MlaAttention, ModelConfigError, MultiHeadAttention};
 
 /// The decoder language model.
 #[derive(Module, Debug)]
@@ -34,6 +36,9 @@ pub enum ModelError {
     /// An MoE block failed.
     #[error(transparent)]
     Moe(#[from] MoeError),
+    /// The cache was made by a model with other blocks.
+    #[error("the cache does not match this model's blocks (use DeepSeekModel::new_cache)")]
+    CacheKind,
 }
 
 /// Logits and the MoE blocks' records.
@@ -59,18 +64,7 @@ impl DeepSeekConfig {
                     let layer = self.moe_layer_config()?.init(device);
                     FeedForward::Moe(layer.map_err(|e| ModelConfigError::Moe(e.to_string()))?)
                 };
-                Ok(DecoderBlock {
-                    attention_norm: norm(),
-                    attention: Attention::MultiHead(MultiHeadAttention::new(
-                        d,
-                        self.num_attention_heads,
-                        self.max_position_embeddings,
-                        self.rope_theta,
-                        device,
-                    )),
-                    ffn_norm: norm(),
-                    ffn,
-                })
+                Ok(DecoderBlock { attention_norm: norm(), attention: self.attention(device)?, ffn_norm: norm(), ffn })
             })
             .collect::<Result<_, _>>()?;
         Ok(DeepSeekModel {
@@ -83,7 +77,61 @@ impl DeepSeekConfig {
     }
 }
 
+impl DeepSeekConfig {
+    /// One block's attention: MLA when `kv_lora_rank` is set, multi-head otherwise.
+    fn attention<B: Backend>(&self, device: &B::Device) -> Result<Attention<B>, ModelConfigError> {
+        let d = self.moe.hidden_size;
+        let Some(dims) = self.mla()? else {
+            return Ok(Attention::MultiHead(MultiHeadAttention::new(
+                d,
+                self.num_attention_heads,
+                self.max_position_embeddings,
+                self.rope_theta,
+                device,
+            )));
+        };
+        let yarn = self.yarn()?;
+        let inv_freq = match &yarn {
+            Some(yarn) => yarn.inv_freq(dims.qk_rope, self.rope_theta),
+            None => plain_inv_freq(dims.qk_rope, self.rope_theta),
+        };
+        let cos_sin_factor = yarn.as_ref().map_or(1.0, |y| y.cos_sin_factor());
+        let rope =
+            RopeTables::new(&inv_freq, self.max_position_embeddings, cos_sin_factor, self.rope_interleave, device);
+        let scale = (dims.qk_head() as f64).powf(-0.5) * yarn.as_ref().map_or(1.0, |y| y.softmax_factor());
+        Ok(Attention::Latent(MlaAttention::new(&dims, d, self.rms_norm_eps, rope, scale, device)))
+    }
+}
+
 impl<B: MoeBackend> DeepSeekModel<B> {
+    /// An empty cache for incremental decoding with [`DeepSeekModel::forward_with_cache`].
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache { layers: self.blocks.iter().map(|b| b.attention.new_cache()).collect(), len: 0 }
+    }
+
+    /// Logits `[batch, seq, vocab]` for new `tokens` `[batch, seq]` that continue the tokens
+    /// already in `cache` (which gains them). Prefill with the prompt, then feed one token at
+    /// a time; the logits equal those of [`DeepSeekModel::forward`] on the whole sequence.
+    pub fn forward_with_cache(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let seq = cache.len + tokens.dims()[1];
+        if seq > self.max_len {
+            return Err(ModelError::SequenceTooLong { got: seq, max: self.max_len });
+        }
+        if cache.layers.len() != self.blocks.len() {
+            return Err(ModelError::CacheKind);
+        }
+        let mut x = self.embedding.forward(tokens);
+        for (block, layer_cache) in self.blocks.iter().zip(&mut cache.layers) {
+            x = block.forward_cached(x, layer_cache)?;
+        }
+        cache.len = seq;
+        Ok(self.lm_head.forward(self.norm.forward(x)))
+    }
+
     /// `tokens` `[batch, seq]` (ids below `vocab_size`) -> logits and MoE records.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<ModelOutput<B>, ModelError> {
         let seq = tokens.dims()[1];
