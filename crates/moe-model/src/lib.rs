@@ -27,6 +27,7 @@ mod attention;
 mod block;
 pub mod cache;
 mod config;
+pub mod generate;
 pub mod hf;
 mod mla;
 mod model;

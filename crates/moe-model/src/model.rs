@@ -150,6 +150,21 @@ impl<B: MoeBackend> DeepSeekModel<B> {
 }
 
 impl<B: Backend> DeepSeekModel<B> {
+    /// Longest sequence (prompt plus generated tokens) the rotary tables cover.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Token ids run over `0..vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        self.embedding.weight.lazy_shape().dims::<2>()[0]
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> B::Device {
+        self.embedding.weight.val().device()
+    }
+
     /// The MoE layers, in block order (for bias updates).
     pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut moe_experts::MoeLayer<B>> {
         self.blocks.iter_mut().filter_map(|b| match &mut b.ffn {

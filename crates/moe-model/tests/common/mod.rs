@@ -43,3 +43,49 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A checkpoint's tensors as raw bytes, by name.
+pub type Raw = std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+pub fn read_raw(path: &Path) -> Raw {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect()
+}
+
+pub fn write_raw(path: &Path, raw: &Raw) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
+        .iter()
+        .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+pub fn tiny_config() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(tiny_a().join("config.json")).unwrap()).unwrap()
+}
+
+/// Writes `config` and `raw` as a single-file checkpoint in a fresh directory `name`.
+pub fn write_checkpoint(name: &str, config: &serde_json::Value, raw: &Raw) -> PathBuf {
+    let dir = scratch(name);
+    std::fs::write(dir.join("config.json"), serde_json::to_string(config).unwrap()).unwrap();
+    write_raw(&dir.join("model.safetensors"), raw);
+    dir
+}
+
+/// Every float parameter's values, in visiting order.
+pub fn all_params<M: burn::module::Module<B>>(module: &M) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.0.push(values(param.val()));
+        }
+    }
+    let mut collect = Collect(Vec::new());
+    module.visit(&mut collect);
+    collect.0
+}
+
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
