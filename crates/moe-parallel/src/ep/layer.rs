@@ -1,0 +1,364 @@
+//! [`ExpertParallelMoe`]: route, dispatch, grouped compute, return, combine, over ranks.
+
+use burn::module::Param;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, backend::Backend};
+use moe_experts::{ExpertBank, MoeBackend, MoeLayer, SwiGlu};
+use moe_kernels::CapacityLimit;
+use moe_router::TopKRouter;
+
+use super::{EpError, Message, Transport};
+use crate::Placement;
+
+/// The token rows one rank sends another: each token once, however many of its experts the
+/// destination holds (as DeepSeek-V3's dispatch does), with the (row, local expert) pairs to
+/// compute and their routing weights.
+#[derive(Debug, Clone)]
+pub struct DispatchMessage<B: Backend> {
+    /// `[n, d]` token rows, `None` when nothing is sent.
+    pub rows: Option<Tensor<B, 2>>,
+    /// `(row, expert index within the destination's shard)` per pair.
+    pub pairs: Vec<(usize, usize)>,
+    /// `[pairs]` routing weights, `None` when nothing is sent.
+    pub weights: Option<Tensor<B, 1>>,
+}
+
+/// The weighted sums of a token's expert outputs on one rank, sent back to the token's rank
+/// (one row per dispatched row, in the same order).
+#[derive(Debug, Clone)]
+pub struct CombineMessage<B: Backend> {
+    /// `[n, d]`, `None` when nothing is sent.
+    pub rows: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Message for DispatchMessage<B> {
+    fn num_rows(&self) -> usize {
+        self.rows.as_ref().map_or(0, |r| r.dims()[0])
+    }
+}
+
+impl<B: Backend> Message for CombineMessage<B> {
+    fn num_rows(&self) -> usize {
+        self.rows.as_ref().map_or(0, |r| r.dims()[0])
+    }
+}
+
+/// A [`MoeLayer`] whose routed experts are sharded over the ranks of a [`Placement`]; the
+/// router and the shared experts are replicated (every rank runs them on its own tokens).
+#[derive(Debug)]
+pub struct ExpertParallelMoe<B: Backend> {
+    /// The gate (a copy on every rank).
+    pub router: TopKRouter<B>,
+    /// Rank `r`'s experts, `placement.experts_of(r)`.
+    pub shards: Vec<ExpertBank<B>>,
+    /// The shared experts, if any (a copy on every rank).
+    pub shared: Option<SwiGlu<B>>,
+    placement: Placement,
+    d_model: usize,
+}
+
+/// Rank `rank`'s slice `[E/R, a, b]` of a stacked `[E, a, b]` weight, as a parameter of its
+/// own (detached: a rank owns its experts, and a parameter must be a graph leaf).
+fn shard_of<B: Backend>(weight: &Param<Tensor<B, 3>>, rank: usize, per_rank: usize) -> Param<Tensor<B, 3>> {
+    Param::from_tensor(weight.val().narrow(0, rank * per_rank, per_rank).detach())
+}
+
+/// Ids as backend ints.
+fn int_tensor<B: Backend>(values: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let values: Vec<i64> = values.iter().map(|&v| v as i64).collect();
+    Tensor::from_ints(values.as_slice(), device)
+}
+
+impl<B: MoeBackend> ExpertParallelMoe<B> {
+    /// Shards `layer`'s experts over `placement`'s ranks (copies the weights).
+    pub fn from_layer(layer: &MoeLayer<B>, placement: Placement) -> Result<Self, EpError> {
+        let experts = layer.experts.num_experts();
+        if placement.num_experts() != experts {
+            return Err(EpError::ExpertCount { placement: placement.num_experts(), layer: experts });
+        }
+        let per_rank = placement.experts_per_rank();
+        let shards = (0..placement.num_ranks())
+            .map(|r| ExpertBank {
+                gate: shard_of(&layer.experts.gate, r, per_rank),
+                up: shard_of(&layer.experts.up, r, per_rank),
+                down: shard_of(&layer.experts.down, r, per_rank),
+            })
+            .collect();
+        Ok(Self {
+            router: layer.router.clone(),
+            shards,
+            shared: layer.shared.clone(),
+            placement,
+            d_model: layer.d_model(),
+        })
+    }
+
+    /// The placement of the experts.
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// One forward over all ranks: `inputs[r]` `[T_r, d]` is rank `r`'s tokens; the result's
+    /// `[r]` is their `[T_r, d]` outputs, equal (to rounding) to the single-device layer's.
+    /// Dropless. Reads each rank's routed ids to the host once, to size the messages.
+    pub fn forward(
+        &self,
+        inputs: Vec<Tensor<B, 2>>,
+        transport: &mut impl Transport,
+    ) -> Result<Vec<Tensor<B, 2>>, EpError> {
+        let ranks = self.placement.num_ranks();
+        if inputs.len() != ranks {
+            return Err(EpError::RankCount { got: inputs.len(), expected: ranks });
+        }
+        for (rank, x) in inputs.iter().enumerate() {
+            let dims = x.dims();
+            if dims[0] == 0 || dims[1] != self.d_model {
+                return Err(EpError::InputShape { rank, dims, d_model: self.d_model });
+            }
+        }
+        // 1. Route on every rank; one message per destination rank.
+        let mut sent_tokens: Vec<Vec<Vec<usize>>> = Vec::with_capacity(ranks);
+        let mut outgoing = Vec::with_capacity(ranks);
+        for x in &inputs {
+            let (tokens, messages) = self.dispatch(x.clone());
+            sent_tokens.push(tokens);
+            outgoing.push(messages);
+        }
+        let incoming = transport.all_to_all(outgoing)?;
+        // 2. Every rank computes what it received with its shard.
+        let mut replies = Vec::with_capacity(ranks);
+        for (rank, messages) in incoming.into_iter().enumerate() {
+            replies.push(self.compute(rank, messages)?);
+        }
+        let returned = transport.all_to_all(replies)?;
+        // 3. Each rank adds up its tokens' partial sums and its shared experts.
+        Ok(inputs
+            .into_iter()
+            .zip(returned)
+            .zip(sent_tokens)
+            .map(|((x, replies), tokens)| {
+                let [t, d] = x.dims();
+                let device = x.device();
+                let mut out = Tensor::<B, 2>::zeros([t, d], &device).cast(x.dtype());
+                for (reply, to_dst) in replies.into_iter().zip(tokens) {
+                    if let Some(rows) = reply.rows {
+                        out = out.select_assign(0, int_tensor::<B>(&to_dst, &device), rows, IndexingUpdateOp::Add);
+                    }
+                }
+                match &self.shared {
+                    Some(shared) => out + shared.forward(x),
+                    None => out,
+                }
+            })
+            .collect())
+    }
+
+    /// Routes one rank's tokens: per destination rank, the tokens sent (each once, in token
+    /// order) and the message.
+    fn dispatch(&self, x: Tensor<B, 2>) -> (Vec<Vec<usize>>, Vec<DispatchMessage<B>>) {
+        let ranks = self.placement.num_ranks();
+        let per_rank = self.placement.experts_per_rank();
+        let [tokens, _] = x.dims();
+        let device = x.device();
+        let routing = self.router.forward(x.clone());
+        let k = routing.expert_ids.dims()[1];
+        let ids: Vec<i64> = routing.expert_ids.into_data().iter::<i64>().collect();
+        let flat_weights = routing.weights.reshape([tokens * k]);
+        let mut to_dst: Vec<Vec<usize>> = vec![Vec::new(); ranks];
+        let mut pairs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); ranks];
+        let mut pair_slots: Vec<Vec<usize>> = vec![Vec::new(); ranks];
+        for (slot, &expert) in ids.iter().enumerate() {
+            let (token, expert) = (slot / k, expert as usize);
+            let dst = expert / per_rank;
+            // Tokens come in order, so a token already sent to `dst` is its last entry.
+            if to_dst[dst].last() != Some(&token) {
+                to_dst[dst].push(token);
+            }
+            pairs[dst].push((to_dst[dst].len() - 1, expert % per_rank));
+            pair_slots[dst].push(slot);
+        }
+        let messages = (0..ranks)
+            .map(|dst| {
+                if to_dst[dst].is_empty() {
+                    return DispatchMessage { rows: None, pairs: Vec::new(), weights: None };
+                }
+                DispatchMessage {
+                    rows: Some(x.clone().select(0, int_tensor::<B>(&to_dst[dst], &device))),
+                    pairs: std::mem::take(&mut pairs[dst]),
+                    weights: Some(flat_weights.clone().select(0, int_tensor::<B>(&pair_slots[dst], &device))),
+                }
+            })
+            .collect();
+        (to_dst, messages)
+    }
+
+    /// Runs `rank`'s shard on the rows it received and returns one reply per source rank.
+    fn compute(&self, rank: usize, messages: Vec<DispatchMessage<B>>) -> Result<Vec<CombineMessage<B>>, EpError> {
+        let sizes: Vec<usize> = messages.iter().map(Message::num_rows).collect();
+        let mut rows = Vec::new();
+        let mut weights = Vec::new();
+        let mut pair_rows = Vec::new();
+        let mut pair_experts = Vec::new();
+        let mut offset = 0;
+        for (message, &n) in messages.into_iter().zip(&sizes) {
+            if let (Some(r), Some(w)) = (message.rows, message.weights) {
+                rows.push(r);
+                weights.push(w);
+                for (row, expert) in message.pairs {
+                    pair_rows.push(offset + row);
+                    pair_experts.push(expert);
+                }
+            }
+            offset += n;
+        }
+        if rows.is_empty() {
+            return Ok(sizes.iter().map(|_| CombineMessage { rows: None }).collect());
+        }
+        let rows = Tensor::cat(rows, 0);
+        let [n, d] = rows.dims();
+        let device = rows.device();
+        let pairs = pair_rows.len();
+        let pair_index = int_tensor::<B>(&pair_rows, &device);
+        let expert_ids = int_tensor::<B>(&pair_experts, &device).reshape([pairs, 1]);
+        let weights = Tensor::cat(weights, 0).reshape([pairs, 1]);
+        let (y, _) = self.shards[rank].forward(
+            rows.clone().select(0, pair_index.clone()),
+            expert_ids,
+            weights,
+            CapacityLimit::Dropless,
+            None,
+        )?;
+        // The token's experts on this rank are summed here, so one row goes back per token.
+        let summed = Tensor::<B, 2>::zeros([n, d], &device).cast(y.dtype()).select_assign(
+            0,
+            pair_index,
+            y,
+            IndexingUpdateOp::Add,
+        );
+        let mut start = 0;
+        Ok(sizes
+            .iter()
+            .map(|&len| {
+                let reply = (len > 0).then(|| summed.clone().narrow(0, start, len));
+                start += len;
+                CombineMessage { rows: reply }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ep::LocalTransport;
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+    use moe_experts::MoeLayerConfig;
+    use moe_router::RouterConfig;
+
+    type B = NdArray;
+
+    fn layer(groups: usize, keep: usize, shared: usize) -> MoeLayer<B> {
+        let router = RouterConfig::new(16, 8, 3).with_num_groups(groups).with_topk_groups(keep);
+        MoeLayerConfig::new(router, 12).with_num_shared(shared).init(&Default::default()).unwrap()
+    }
+
+    fn max_abs_diff(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn sharded_forward_equals_the_single_device_layer() {
+        let device = Default::default();
+        for (groups, keep, shared) in [(1, 1, 1), (4, 2, 0), (2, 1, 1)] {
+            let layer = layer(groups, keep, shared);
+            let x = Tensor::<B, 2>::random([24, 16], Distribution::Normal(0.0, 1.0), &device);
+            // The per-expert loop oracle of the unsharded layer.
+            let reference = layer.forward_loop(x.clone().reshape([1, 24, 16])).unwrap().reshape([24, 16]);
+            for (ranks, nodes, split) in [(2, 1, vec![12, 12]), (4, 2, vec![5, 7, 3, 9]), (4, 4, vec![6, 6, 6, 6])] {
+                let placement = Placement::new(8, ranks, nodes).unwrap();
+                let ep = ExpertParallelMoe::from_layer(&layer, placement).unwrap();
+                let mut inputs = Vec::new();
+                let mut start = 0;
+                for &n in &split {
+                    inputs.push(x.clone().narrow(0, start, n));
+                    start += n;
+                }
+                let mut transport = LocalTransport::new();
+                let out = Tensor::cat(ep.forward(inputs, &mut transport).unwrap(), 0);
+                let diff = max_abs_diff(out, reference.clone());
+                assert!(diff < 1e-5, "groups {groups}, R {ranks}: max |diff| {diff}");
+
+                // Rows exchanged: each token once per distinct rank of its experts, and one
+                // row back, counted by hand from the router's ids.
+                let ids: Vec<i64> = layer.router.forward(x.clone()).expert_ids.into_data().iter::<i64>().collect();
+                let mut expected = vec![vec![0u64; ranks]; ranks];
+                let mut token = 0;
+                for (src, &n) in split.iter().enumerate() {
+                    for _ in 0..n {
+                        let mut dsts: Vec<usize> =
+                            ids[token * 3..token * 3 + 3].iter().map(|&e| e as usize / (8 / ranks)).collect();
+                        dsts.sort_unstable();
+                        dsts.dedup();
+                        for dst in dsts {
+                            // Dispatch src -> dst, then the combine dst -> src.
+                            expected[src][dst] += 1;
+                            expected[dst][src] += 1;
+                        }
+                        token += 1;
+                    }
+                }
+                assert_eq!(transport.rows_sent(), expected.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn input_gradients_equal_the_single_device_layer() {
+        type A = burn::backend::Autodiff<NdArray>;
+        let device = Default::default();
+        let router = RouterConfig::new(16, 8, 3).with_num_groups(4).with_topk_groups(2);
+        let layer = MoeLayerConfig::new(router, 12).with_num_shared(1).init::<A>(&device).unwrap();
+        let data = Tensor::<A, 2>::random([20, 16], Distribution::Normal(0.0, 1.0), &device).into_data();
+        let x = Tensor::<A, 2>::from_data(data.clone(), &device).require_grad();
+        let reference = layer.forward_loop(x.clone().reshape([1, 20, 16])).unwrap();
+        let grads = reference.powi_scalar(2).sum().backward();
+        let want = x.grad(&grads).unwrap();
+        let want_down = layer.experts.down.grad(&grads).unwrap();
+
+        let ep = ExpertParallelMoe::from_layer(&layer, Placement::new(8, 4, 2).unwrap()).unwrap();
+        let x = Tensor::<A, 2>::from_data(data, &device).require_grad();
+        let inputs = (0..4).map(|r| x.clone().narrow(0, 5 * r, 5)).collect();
+        let out = Tensor::cat(ep.forward(inputs, &mut LocalTransport::new()).unwrap(), 0);
+        let grads = out.powi_scalar(2).sum().backward();
+        let got = x.grad(&grads).unwrap();
+        let diff: f32 = (got - want.clone()).abs().max().into_scalar();
+        let scale: f32 = want.abs().max().into_scalar();
+        assert!(diff <= 1e-5 * scale.max(1.0), "max |x grad diff| {diff} (scale {scale})");
+        // Each shard's expert gradients are its slice of the full bank's.
+        for (rank, shard) in ep.shards.iter().enumerate() {
+            let got = shard.down.grad(&grads).unwrap();
+            let want = want_down.clone().narrow(0, 2 * rank, 2);
+            let diff: f32 = (got - want.clone()).abs().max().into_scalar();
+            let scale: f32 = want.abs().max().into_scalar();
+            assert!(diff <= 1e-5 * scale.max(1.0), "rank {rank}: max |down grad diff| {diff} (scale {scale})");
+        }
+    }
+
+    #[test]
+    fn refuses_mismatched_inputs() {
+        let device = Default::default();
+        let layer = layer(1, 1, 0);
+        assert_eq!(
+            ExpertParallelMoe::from_layer(&layer, Placement::new(16, 2, 1).unwrap()).err(),
+            Some(EpError::ExpertCount { placement: 16, layer: 8 })
+        );
+        let ep = ExpertParallelMoe::from_layer(&layer, Placement::new(8, 2, 1).unwrap()).unwrap();
+        let x = || Tensor::<B, 2>::zeros([3, 16], &device);
+        let mut t = LocalTransport::new();
+        assert_eq!(ep.forward(vec![x()], &mut t).err(), Some(EpError::RankCount { got: 1, expected: 2 }));
+        assert_eq!(
+            ep.forward(vec![x(), Tensor::zeros([3, 4], &device)], &mut t).err(),
+            Some(EpError::InputShape { rank: 1, dims: [3, 4], d_model: 16 })
+        );
+    }
+}
