@@ -39,3 +39,28 @@ pub fn dequantize(bytes: &[u8], rows: usize, cols: usize, scales: &[f32], block:
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values from the OCP 8-bit floating point specification (E4M3 column).
+    #[test]
+    fn e4m3_known_values() {
+        for (byte, value) in [
+            (0x00, 0.0),
+            (0x38, 1.0),
+            (0xb8, -1.0),
+            (0x3c, 1.5),
+            (0x40, 2.0),
+            (0x7e, 448.0),
+            (0xfe, -448.0),
+            (0x08, 2f32.powi(-6)),
+            (0x01, 2f32.powi(-9)),
+            (0x07, 7.0 * 2f32.powi(-9)),
+        ] {
+            assert_eq!(e4m3_to_f32(byte), value, "{byte:#04x}");
+        }
+        assert!(e4m3_to_f32(0x7f).is_nan() && e4m3_to_f32(0xff).is_nan());
+    }
+}
