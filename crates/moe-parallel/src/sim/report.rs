@@ -2,8 +2,10 @@
 
 use std::fmt;
 
+use serde::Serialize;
+
 /// One routing scenario of a simulation (node-limited, unlimited, or one traced layer).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ScenarioReport {
     /// `"M=4"`, `"no limit"` or `"trace layer 3"`.
     pub name: String,
@@ -54,8 +56,8 @@ impl ScenarioReport {
 }
 
 /// The result of [`crate::sim::simulate`]: the expert-parallel layout and one row per
-/// scenario.
-#[derive(Debug, Clone, PartialEq)]
+/// scenario. Prints as a table; serialises (serde) for machine-readable output.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SimReport {
     /// GPUs in the simulated expert-parallel group.
     pub ep_gpus: usize,

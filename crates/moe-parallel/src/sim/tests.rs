@@ -185,4 +185,6 @@ fn a_group_inside_one_node_and_the_report_table() {
     assert_eq!(r.scenarios[0].ib_bytes_sent, 0);
     let table = r.to_string();
     assert!(table.contains("no limit") && table.contains("MaxVio"), "{table}");
+    let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["scenarios"][0]["max_nodes"], 1);
 }
