@@ -68,7 +68,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     print_table(&root.join("target/criterion"))
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 

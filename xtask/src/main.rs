@@ -1,6 +1,8 @@
-//! `cargo xtask <verb>`: the project's runner. Kept small: it drives cargo and reads results.
+//! `cargo xtask <verb>`: the project's runner. Kept small: it drives cargo and reads results;
+//! training and sampling live in the `moe-runner` crate, which it builds and calls.
 
 mod bench;
+mod runner;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,11 +18,30 @@ struct Cli {
 enum Verb {
     /// Run the criterion benches of the MoE layer and print a table.
     Bench(bench::BenchArgs),
+    /// Train a DeepSeek-style MoE language model (`cargo xtask train --help` for the options).
+    #[command(disable_help_flag = true)]
+    Train(Forwarded),
+    /// Sample text from a trained run.
+    #[command(disable_help_flag = true)]
+    Generate(Forwarded),
+    /// Train with no balancing, the aux loss and loss-free balancing; write docs/results.md.
+    #[command(disable_help_flag = true)]
+    CompareBalance(Forwarded),
+}
+
+/// Arguments handed unparsed to `moe-runner`, which documents them.
+#[derive(clap::Args)]
+struct Forwarded {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().verb {
         Verb::Bench(args) => bench::run(&args),
+        Verb::Train(f) => runner::run("train", &f.args),
+        Verb::Generate(f) => runner::run("generate", &f.args),
+        Verb::CompareBalance(f) => runner::run("compare-balance", &f.args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

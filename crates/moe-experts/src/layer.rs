@@ -55,6 +55,15 @@ pub struct MoeLayerConfig {
     pub aux_loss_alpha: f64,
 }
 
+fn check_loss_weights(seq_balance_alpha: f64, aux_loss_alpha: f64) -> Result<(), MoeError> {
+    for (field, value) in [("seq_balance_alpha", seq_balance_alpha), ("aux_loss_alpha", aux_loss_alpha)] {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(MoeError::Setting { field, value: value.to_string(), expected: "finite and >= 0" });
+        }
+    }
+    Ok(())
+}
+
 impl MoeLayerConfig {
     /// Checks every field.
     pub fn validate(&self) -> Result<(), MoeError> {
@@ -62,11 +71,7 @@ impl MoeLayerConfig {
         if self.expert_hidden == 0 {
             return Err(MoeError::Setting { field: "expert_hidden", value: "0".into(), expected: "at least 1" });
         }
-        for (field, value) in [("seq_balance_alpha", self.seq_balance_alpha), ("aux_loss_alpha", self.aux_loss_alpha)] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(MoeError::Setting { field, value: value.to_string(), expected: "finite and >= 0" });
-            }
-        }
+        check_loss_weights(self.seq_balance_alpha, self.aux_loss_alpha)?;
         if let CapacityConfig::Factor { factor, .. } = self.capacity
             && !(factor.is_finite() && factor > 0.0)
         {
@@ -150,6 +155,16 @@ impl<B: Backend> MoeLayer<B> {
     pub fn apply_bias_delta(&mut self, delta: &[f32]) {
         let device = self.router.bias().device();
         self.router.add_to_bias(Tensor::from_floats(delta, &device));
+    }
+
+    /// Sets the weights of the sequence-wise balance loss and the Switch aux loss (0 turns a
+    /// loss off), e.g. to compare balancing schemes on one model. Negative or non-finite
+    /// weights are refused, naming the field.
+    pub fn set_loss_weights(&mut self, seq_balance_alpha: f64, aux_loss_alpha: f64) -> Result<(), MoeError> {
+        check_loss_weights(seq_balance_alpha, aux_loss_alpha)?;
+        self.seq_balance_alpha = seq_balance_alpha;
+        self.aux_loss_alpha = aux_loss_alpha;
+        Ok(())
     }
 
     /// The layer's capacity setting.

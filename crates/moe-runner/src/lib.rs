@@ -1,0 +1,16 @@
+//! The burn-moe runner: trains a DeepSeek-style MoE language model on a byte-level corpus
+//! (`cargo xtask train`), samples from it (`generate`), and compares balancing schemes
+//! (`compare-balance`). The binary is a thin CLI over these modules, so tests drive them
+//! in-process.
+
+pub mod checkpoint;
+pub mod compare;
+pub mod corpus;
+pub mod metrics;
+pub mod plots;
+pub mod report;
+pub mod rng;
+pub mod sample;
+pub mod schedule;
+pub mod settings;
+pub mod train;

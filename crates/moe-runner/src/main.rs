@@ -1,0 +1,210 @@
+//! `moe-runner`: the CLI behind `cargo xtask train` and friends.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, Subcommand, ValueEnum};
+use moe_runner::compare::{plot_path, run_arms, write_results};
+use moe_runner::report;
+use moe_runner::sample::{Sampling, continue_text, load_run};
+use moe_runner::settings::{Layers, RunConfig};
+use moe_runner::train::{RunOptions, train};
+
+/// Runs `$body` with `$B` bound to the chosen autodiff backend and `$device` to its device;
+/// a backend not compiled in is an error that says how to enable it.
+macro_rules! with_backend {
+    ($choice:expr, |$B:ident, $device:ident| $body:expr) => {
+        match $choice {
+            BackendChoice::Cpu => {
+                #[cfg(feature = "cpu")]
+                {
+                    type $B = burn::backend::Autodiff<burn::backend::Flex>;
+                    let $device = Default::default();
+                    Ok::<_, Error>($body?)
+                }
+                #[cfg(not(feature = "cpu"))]
+                Err::<_, Error>(missing("cpu"))
+            }
+            BackendChoice::Cuda => {
+                #[cfg(feature = "cuda")]
+                {
+                    type $B = burn::backend::Autodiff<burn::backend::Cuda>;
+                    let $device = Default::default();
+                    Ok::<_, Error>($body?)
+                }
+                #[cfg(not(feature = "cuda"))]
+                Err::<_, Error>(missing("cuda"))
+            }
+            BackendChoice::Wgpu => {
+                #[cfg(feature = "wgpu")]
+                {
+                    type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
+                    let $device = Default::default();
+                    Ok::<_, Error>($body?)
+                }
+                #[cfg(not(feature = "wgpu"))]
+                Err::<_, Error>(missing("wgpu"))
+            }
+        }
+    };
+}
+
+#[derive(Parser)]
+#[command(name = "moe-runner", about = "Train, sample and compare DeepSeek-style MoE language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendChoice {
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// A TOML file layered over the built-in default (e.g. configs/small.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. `--set train.steps=200` (repeatable; last wins).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (the default run: configs/tiny.toml on the shipped Shakespeare).
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Train on this UTF-8 text file instead of the shipped corpus.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Where the run's files go (default runs/<name>).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Continue the run in --run-dir from its newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Which backend trains.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendChoice,
+    },
+    /// Sample text from a trained run.
+    Generate {
+        /// The run directory (its newest checkpoint is used).
+        #[arg(long)]
+        run: PathBuf,
+        /// Text to continue.
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Bytes to generate.
+        #[arg(long, default_value_t = 400)]
+        length: usize,
+        /// Softmax temperature (0: greedy).
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+        /// Seeds the draws.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Which backend runs the model.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendChoice,
+    },
+    /// Train with balance.mode none, aux_loss and loss_free on one budget; write a table and a plot.
+    CompareBalance {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Where the three runs go (as <DIR>/compare-<mode>).
+        #[arg(long, default_value = "runs")]
+        runs: PathBuf,
+        /// The markdown table; the plot goes beside it as results-balance.png.
+        #[arg(long, default_value = "docs/results.md")]
+        output: PathBuf,
+        /// Which backend trains.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendChoice,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Error = Box<dyn std::error::Error>;
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Train { config, data, run_dir, resume, backend } => {
+            let mut set = config.set;
+            if let Some(data) = data {
+                set.push(format!("data.path={}", data.display()));
+            }
+            let run = RunConfig::load(&Layers { file: config.config, env: true, set })?;
+            let run_dir = run_dir.unwrap_or_else(|| PathBuf::from("runs").join(&run.name));
+            let options = RunOptions { run_dir: run_dir.clone(), resume, progress: true, stop_at: None };
+            println!("training `{}` into {}", run.name, run_dir.display());
+            let summary = with_backend!(backend, |B, device| train::<B>(&run, &device, &options))?;
+            println!(
+                "done: {} steps in {:.0} s ({:.0} tokens/s); val loss {:.3} nats/byte ({:.3} bits/byte), val MaxVio {:.3}",
+                summary.steps,
+                summary.elapsed_s,
+                summary.tokens_per_s,
+                summary.eval.val_loss,
+                summary.eval.val_bpb,
+                summary.eval.val_max_vio
+            );
+            println!("\n{}", report::write(&run_dir, &run, &summary)?);
+            println!("run files: {}", run_dir.display());
+            println!("sample:    cargo xtask generate --run {} --prompt \"ROMEO:\"", run_dir.display());
+            Ok(())
+        }
+        Command::Generate { run, prompt, length, temperature, top_p, seed, backend } => {
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                return Err(format!("--temperature {temperature}: expected a finite value >= 0").into());
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(format!("--top-p {top_p}: expected a value in (0, 1]").into());
+            }
+            let sampling = Sampling { temperature, top_p, seed };
+            let text = with_backend!(backend, |B, device| {
+                let (model, context) = load_run::<<B as AutodiffBackend>::InnerBackend>(&run, &device)?;
+                continue_text(&model, context, prompt.as_bytes(), length, &sampling, &device)
+            })?;
+            println!("{prompt}{}", String::from_utf8_lossy(&text));
+            Ok(())
+        }
+        Command::CompareBalance { config, runs, output, backend } => {
+            let run = RunConfig::load(&Layers { file: config.config, env: true, set: config.set.clone() })?;
+            let arms = with_backend!(backend, |B, device| run_arms::<B>(&run, &runs, &device))?;
+            let mut command = String::from("cargo xtask compare-balance");
+            for item in &config.set {
+                command.push_str(&format!(" --set {item}"));
+            }
+            let text = write_results(&arms, &run, &command, &output, &plot_path(&output))?;
+            println!("\n{text}\nwritten to {}", output.display());
+            Ok(())
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn missing(feature: &str) -> Error {
+    format!(
+        "the {feature} backend is not compiled in: build with `--features {feature}` \
+         (cargo xtask train --backend {feature} does this for you)"
+    )
+    .into()
+}

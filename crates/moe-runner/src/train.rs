@@ -1,0 +1,318 @@
+//! The training loop: AdamW with warmup + cosine, clipping and accumulation, the balance
+//! losses, the loss-free bias update once per optimizer step, evaluation, checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_balance::metrics::{EvalMaxVio, max_violation};
+use moe_balance::{BiasBalancer, BiasUpdateConfig, LoadTracker};
+use moe_experts::MoeBackend;
+use moe_model::{DeepSeekModel, ModelError};
+use thiserror::Error;
+
+use crate::checkpoint::{self, CheckpointError, TrainState};
+use crate::corpus::{Batch, Corpus};
+use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
+use crate::rng::SplitMix64;
+use crate::schedule::learning_rate;
+use crate::settings::{BalanceMode, RunConfig, SettingsError};
+
+/// How to run, beyond the configuration.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Where the run's files go.
+    pub run_dir: PathBuf,
+    /// Continue from the newest checkpoint in `run_dir`.
+    pub resume: bool,
+    /// Draw a progress bar (on a terminal).
+    pub progress: bool,
+    /// Stop after this many optimizer steps in total (as if interrupted); `None` runs to the end.
+    pub stop_at: Option<usize>,
+}
+
+/// Why a run stopped early.
+#[derive(Debug, Error)]
+pub enum TrainError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A run file could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Starting over would overwrite a run.
+    #[error("{0} already holds checkpoints: pass --resume to continue it, or --run-dir for a new run")]
+    RunExists(PathBuf),
+    /// The loss stopped being finite.
+    #[error("the training loss became {loss} at step {step}; lower optim.lr or raise optim.warmup_steps")]
+    Diverged {
+        /// The step.
+        step: usize,
+        /// The loss.
+        loss: f64,
+    },
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Optimizer steps done.
+    pub steps: usize,
+    /// The last validation pass.
+    pub eval: EvalMetrics,
+    /// Mean training tokens per second.
+    pub tokens_per_s: f64,
+    /// Seconds of training.
+    pub elapsed_s: f64,
+    /// The newest checkpoint.
+    pub checkpoint: PathBuf,
+    /// Training loss per step, for tests and reports.
+    pub losses: Vec<f64>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.to_owned(), source }
+}
+
+/// Builds the model of `config` with the balance mode's loss weights.
+pub fn build_model<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<DeepSeekModel<B>, TrainError> {
+    B::seed(device, config.train.seed);
+    let mut model = config.model.init::<B>(device).map_err(SettingsError::from)?;
+    let (seq_alpha, aux_alpha, _) = config.balance.weights();
+    for layer in model.moe_layers_mut() {
+        layer.set_loss_weights(seq_alpha, aux_alpha).map_err(ModelError::Moe)?;
+    }
+    Ok(model)
+}
+
+fn tokens<B: Backend>(values: &[i64], batch: usize, seq: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), [batch, seq]), device)
+}
+
+/// One batch through the model.
+struct BatchLoss<B: Backend> {
+    /// Cross-entropy, nats per token.
+    ce: Tensor<B, 1>,
+    /// The balance losses that are on, summed.
+    balance: Option<Tensor<B, 1>>,
+    /// Pairs per expert, per MoE layer.
+    counts: Vec<Tensor<B, 1, Int>>,
+    /// Pairs dropped by a capacity limit.
+    dropped: usize,
+}
+
+/// Cross-entropy of `model` on `batch`, the balance losses, and each MoE layer's counts.
+fn batch_loss<B: MoeBackend>(
+    model: &DeepSeekModel<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Result<BatchLoss<B>, ModelError> {
+    let out = model.forward(tokens(&batch.inputs, batch.batch, batch.seq_len, device))?;
+    let [b, l, v] = out.logits.dims();
+    let targets = tokens::<B>(&batch.targets, batch.batch, batch.seq_len, device).reshape([b * l]);
+    let ce = CrossEntropyLossConfig::new().init(device).forward(out.logits.reshape([b * l, v]), targets);
+    let balance = out.moe.iter().filter_map(|aux| aux.loss()).reduce(|a, b| a + b);
+    let dropped = out.moe.iter().map(|aux| aux.dropped).sum();
+    Ok(BatchLoss { ce, balance, counts: out.moe.into_iter().map(|aux| aux.counts).collect(), dropped })
+}
+
+/// Loss and MaxVio over the fixed validation windows, without gradients or bias updates.
+pub fn evaluate<B: MoeBackend>(
+    model: &DeepSeekModel<B>,
+    corpus: &Corpus,
+    config: &RunConfig,
+    device: &B::Device,
+) -> Result<EvalMetrics, ModelError> {
+    let (count, batch, seq) = (config.train.eval_batches, config.data.batch_size, config.data.seq_len);
+    let layers = config.model.num_moe_layers();
+    let mut vio = vec![EvalMaxVio::default(); layers];
+    let mut total = 0.0;
+    for i in 0..count {
+        let BatchLoss { ce, counts, .. } = batch_loss(model, &corpus.val_batch(i, count, batch, seq), device)?;
+        total += ce.into_scalar().elem::<f64>();
+        for (acc, c) in vio.iter_mut().zip(counts) {
+            let load: Vec<u64> = c.into_data().iter::<i64>().map(|x| x as u64).collect();
+            acc.add(&load);
+        }
+    }
+    let val_loss = total / count as f64;
+    let val_max_vio = vio.iter().map(EvalMaxVio::value).fold(0.0, f64::max);
+    Ok(EvalMetrics { val_loss, val_bpb: val_loss / std::f64::consts::LN_2, val_max_vio })
+}
+
+/// Trains `config` on `device`, writing the run's files to `options.run_dir`.
+pub fn train<B>(config: &RunConfig, device: &B::Device, options: &RunOptions) -> Result<RunSummary, TrainError>
+where
+    B: AutodiffBackend + MoeBackend,
+    B::InnerBackend: MoeBackend,
+{
+    let run_dir = &options.run_dir;
+    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
+    let existing = checkpoint::list(run_dir)?;
+    if !options.resume && !existing.is_empty() {
+        return Err(TrainError::RunExists(run_dir.clone()));
+    }
+    let resume_from = if options.resume { existing.last().cloned() } else { None };
+    let config = match &resume_from {
+        Some(ckpt) => checkpoint::read_state(ckpt)?.config,
+        None => config.clone(),
+    };
+    let corpus = Corpus::load(config.corpus_path(), config.data.val_fraction, config.data.seq_len)?;
+
+    let mut model = build_model::<B>(&config, device)?;
+    let o = &config.optim;
+    let mut adamw = AdamWConfig::new()
+        .with_beta_1(o.beta1 as f32)
+        .with_beta_2(o.beta2 as f32)
+        .with_weight_decay(o.weight_decay as f32);
+    if o.grad_clip > 0.0 {
+        adamw = adamw.with_grad_clipping(Some(GradientClippingConfig::Norm(o.grad_clip as f32)));
+    }
+    let mut optim = adamw.init::<B, DeepSeekModel<B>>();
+    let mut rng = SplitMix64::new(config.train.seed ^ 0x5EED_0FBA_7C4E_5000);
+    let mut step = 0;
+    let mut elapsed_before = 0.0;
+    if let Some(ckpt) = &resume_from {
+        let state = checkpoint::read_state(ckpt)?;
+        model = checkpoint::load_model(ckpt, model, device)?;
+        optim = checkpoint::load_optim::<B, _>(ckpt, optim, device)?;
+        rng = state.rng;
+        step = state.step;
+        elapsed_before = state.elapsed_s;
+    }
+    let mut log = MetricsLog::open(run_dir, step).map_err(io_err(run_dir))?;
+    let config_path = run_dir.join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap_or_default())
+        .map_err(io_err(&config_path))?;
+
+    let layers = config.model.num_moe_layers();
+    let experts = config.model.moe.n_routed_experts;
+    let (_, _, gamma) = config.balance.weights();
+    let balancer = BiasBalancer::new(
+        BiasUpdateConfig::new().with_gamma(gamma).with_frozen(config.balance.mode != BalanceMode::LossFree),
+    );
+    let mut tracker = LoadTracker::<B>::new(layers, experts);
+    let t = &config.train;
+    let last = options.stop_at.unwrap_or(t.steps).min(t.steps);
+    let step_tokens = (config.data.batch_size * config.data.seq_len * o.grad_accum) as f64;
+
+    let bar = if options.progress { ProgressBar::new(t.steps as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(step as u64);
+
+    let started = Instant::now();
+    let mut losses = Vec::new();
+    let mut eval = None;
+    let mut latest = resume_from.clone();
+    while step < last {
+        let step_started = Instant::now();
+        let lr = learning_rate(step, t.steps, o.warmup_steps, o.lr, o.min_lr);
+        let mut accumulator = GradientsAccumulator::<DeepSeekModel<B>>::new();
+        let (mut loss_sum, mut balance_sum, mut dropped) = (0.0, 0.0, 0);
+        for _ in 0..o.grad_accum {
+            let batch = corpus.train_batch(&mut rng, config.data.batch_size, config.data.seq_len);
+            let BatchLoss { ce, balance, counts, dropped: d } = batch_loss(&model, &batch, device)?;
+            for (layer, c) in counts.into_iter().enumerate() {
+                tracker.record(layer, c);
+            }
+            dropped += d;
+            let mut total = ce.clone();
+            if let Some(balance) = balance {
+                balance_sum += balance.clone().into_scalar().elem::<f64>();
+                total = total + balance;
+            }
+            loss_sum += ce.into_scalar().elem::<f64>();
+            let total = total.div_scalar(o.grad_accum as f64);
+            accumulator.accumulate(&model, GradientsParams::from_grads(total.backward(), &model));
+        }
+        model = optim.step(lr, model, accumulator.grads());
+        // The bias moves after the step, from the load of the step's training passes only.
+        let load = tracker.take();
+        for (layer, l) in model.moe_layers_mut().zip(&load) {
+            layer.apply_bias_delta(&balancer.bias_delta(l));
+        }
+        step += 1;
+        let loss = loss_sum / o.grad_accum as f64;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged { step, loss });
+        }
+        losses.push(loss);
+        let elapsed = elapsed_before + started.elapsed().as_secs_f64();
+        let mut record = StepMetrics {
+            step,
+            loss,
+            balance_loss: balance_sum / o.grad_accum as f64,
+            lr,
+            tokens_per_s: step_tokens / step_started.elapsed().as_secs_f64(),
+            elapsed_s: elapsed,
+            max_vio: load.iter().map(|l| max_violation(l)).collect(),
+            load,
+            dropped,
+            eval: None,
+        };
+        let finishing = step == last;
+        if finishing || (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) {
+            let e = evaluate(&model.valid(), &corpus, &config, device)?;
+            let line = format!(
+                "step {step:>6}  loss {loss:.3}  val {:.3} nats/byte ({:.3} bits)  val MaxVio {:.3}  {:.0} tok/s",
+                e.val_loss,
+                e.val_bpb,
+                e.val_max_vio,
+                step_tokens * step as f64 / elapsed.max(1e-9)
+            );
+            // A hidden bar (no terminal) swallows its println.
+            if bar.is_hidden() {
+                println!("{line}")
+            } else {
+                bar.println(line)
+            }
+            record.eval = Some(e);
+            eval = Some(e);
+        }
+        log.append(&record).map_err(io_err(log.path()))?;
+        if finishing || (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every)) {
+            let state = TrainState { step, rng, elapsed_s: elapsed, config: config.clone() };
+            latest = Some(checkpoint::save(run_dir, &model, &optim, &state, t.keep_checkpoints)?);
+        }
+        if step.is_multiple_of(t.log_every) || finishing {
+            let worst = record.max_vio.iter().copied().fold(0.0, f64::max);
+            bar.set_message(format!("loss {loss:.3} | {:.0} tok/s | MaxVio {worst:.2}", record.tokens_per_s));
+        }
+        bar.set_position(step as u64);
+    }
+    bar.finish_and_clear();
+    let elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+    let eval = match eval {
+        Some(e) => e,
+        None => evaluate(&model.valid(), &corpus, &config, device)?,
+    };
+    let checkpoint = latest.ok_or_else(|| CheckpointError::None(run_dir.clone()))?;
+    Ok(RunSummary {
+        steps: step,
+        eval,
+        tokens_per_s: step_tokens * step as f64 / elapsed_s.max(1e-9),
+        elapsed_s,
+        checkpoint,
+        losses,
+    })
+}
