@@ -1,9 +1,16 @@
-//! A DeepSeek-V3-style decoder language model, generic over a burn backend.
+//! A DeepSeek-V3 decoder language model, generic over a burn backend.
 //!
-//! Token embedding, pre-norm blocks (RMSNorm, causal self-attention with RoPE, then a dense
-//! SwiGLU for the first `first_k_dense_replace` blocks and an MoE layer after), final norm,
-//! LM head. The forward returns the logits and each MoE block's [`moe_experts::MoeAux`], so
-//! the caller adds the balance losses and feeds the load-balancer.
+//! Token embedding, pre-norm blocks (RMSNorm, causal self-attention, then a dense SwiGLU for
+//! the first `first_k_dense_replace` blocks and an MoE layer after), final norm, LM head. The
+//! forward returns the logits and each MoE block's [`moe_experts::MoeAux`], so the caller adds
+//! the balance losses and feeds the load-balancer.
+//!
+//! - Attention is MLA ([`MlaAttention`], with YaRN RoPE: [`rope`]) when the config sets
+//!   `kv_lora_rank`, as HF DeepSeek-V3 configs do; multi-head with RoPE otherwise.
+//! - [`hf`]: HF checkpoint import (sharded, memory-mapped, BF16/F16/FP8) and export.
+//! - [`cache`] and [`DeepSeekModel::forward_with_cache`]: incremental decoding; MLA caches
+//!   only the latent and the rotary key per token.
+//! - [`generate`]: logits over host ids, seeded sampling, cached generation.
 //!
 //! ```
 //! use burn::backend::NdArray;

@@ -179,31 +179,39 @@ pub fn plain_inv_freq(dim: usize, base: f64) -> Vec<f64> {
     (0..dim / 2).map(|i| base.powf(-((2 * i) as f64) / dim as f64)).collect()
 }
 
-/// cos/sin tables `[max_len, dim / 2]` and the pair layout they rotate.
+/// Rotary frequencies and the pair layout they rotate. cos/sin are formed per call for the
+/// positions at hand, so a long context costs no table per block.
 #[derive(Module, Debug)]
 pub struct RopeTables<B: Backend> {
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
+    /// `[dim / 2]` inverse frequencies.
+    inv_freq: Tensor<B, 1>,
+    factor: f64,
     interleave: bool,
+    max_len: usize,
 }
 
 impl<B: Backend> RopeTables<B> {
-    /// Tables for positions `0..max_len` from `inv_freq`, with cos and sin multiplied by
+    /// Rotations by `inv_freq` for positions `0..max_len`, with cos and sin multiplied by
     /// `factor`; `interleave` rotates pairs `(2i, 2i+1)`, otherwise `(i, i + dim/2)`.
     pub fn new(inv_freq: &[f64], max_len: usize, factor: f64, interleave: bool, device: &B::Device) -> Self {
-        let half = inv_freq.len();
-        let angle = |p: usize, i: usize| p as f64 * inv_freq[i];
-        let table = |f: fn(f64) -> f64| {
-            let values: Vec<f32> =
-                (0..max_len).flat_map(|p| (0..half).map(move |i| (f(angle(p, i)) * factor) as f32)).collect();
-            Tensor::from_data(TensorData::new(values, [max_len, half]), device)
-        };
-        Self { cos: table(f64::cos), sin: table(f64::sin), interleave }
+        let values: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
+        let inv_freq = Tensor::from_data(TensorData::new(values, [inv_freq.len()]), device);
+        Self { inv_freq, factor, interleave, max_len }
     }
 
-    /// Positions the tables cover.
+    /// Positions covered.
     pub fn max_len(&self) -> usize {
-        self.cos.dims()[0]
+        self.max_len
+    }
+
+    /// cos and sin `[len, dim / 2]` for positions `start..start + len`, in f32 as HF computes them.
+    fn cos_sin(&self, start: usize, len: usize) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let device = self.inv_freq.device();
+        let half = self.inv_freq.dims()[0];
+        let positions: Vec<f32> = (start..start + len).map(|p| p as f32).collect();
+        let positions = Tensor::<B, 2>::from_data(TensorData::new(positions, [len, 1]), &device);
+        let angles = positions.matmul(self.inv_freq.clone().reshape([1, half]));
+        (angles.clone().cos().mul_scalar(self.factor), angles.sin().mul_scalar(self.factor))
     }
 
     /// Rotates `x` `[batch, heads, len, dim]` as positions `start..start + len`; the caller
@@ -212,8 +220,9 @@ impl<B: Backend> RopeTables<B> {
         let [b, h, l, r] = x.dims();
         let half = r / 2;
         let dtype = x.dtype();
-        let cos = self.cos.clone().narrow(0, start, l).reshape([1, 1, l, half]).cast(dtype);
-        let sin = self.sin.clone().narrow(0, start, l).reshape([1, 1, l, half]).cast(dtype);
+        let (cos, sin) = self.cos_sin(start, l);
+        let cos = cos.reshape([1, 1, l, half]).cast(dtype);
+        let sin = sin.reshape([1, 1, l, half]).cast(dtype);
         let rotate = |x0: Tensor<B, 4>, x1: Tensor<B, 4>| {
             (x0.clone() * cos.clone() - x1.clone() * sin.clone(), x0 * sin.clone() + x1 * cos.clone())
         };

@@ -11,6 +11,9 @@ use moe_model::hf::{CheckpointError, load_checkpoint};
 use moe_model::{Attention, FeedForward, MlaQuery, ModelConfigError};
 use safetensors::Dtype;
 
+/// A change to a `config.json`.
+type Edit = dyn Fn(&mut serde_json::Value);
+
 fn tiny_raw() -> Raw {
     read_raw(&tiny_a().join("model.safetensors"))
 }
@@ -63,7 +66,7 @@ fn mtp_layers_are_skipped_not_misplaced() {
     let mut raw = tiny_raw();
     let mut config = tiny_config();
     config["num_nextn_predict_layers"] = 1.into();
-    let layer2: Vec<(String, (Dtype, Vec<usize>, Vec<u8>))> =
+    let layer2: Raw =
         raw.iter().filter(|(n, _)| n.starts_with("model.layers.2.")).map(|(n, t)| (n.clone(), t.clone())).collect();
     for (name, (dtype, shape, bytes)) in layer2 {
         // Different values, so a misplaced load would change the logits.
@@ -132,7 +135,7 @@ fn bad_tensors_are_named() {
 
 #[test]
 fn unsupported_config_values_are_named() {
-    let key_of = |edit: &dyn Fn(&mut serde_json::Value), name: &str| {
+    let key_of = |edit: &Edit, name: &str| {
         let mut config = tiny_config();
         edit(&mut config);
         match load_err(name, &config, &tiny_raw()) {
@@ -141,7 +144,7 @@ fn unsupported_config_values_are_named() {
             other => panic!("{name}: {other}"),
         }
     };
-    let cases: [(&dyn Fn(&mut serde_json::Value), &str, &str); 9] = [
+    let cases: [(&Edit, &str, &str); 9] = [
         (
             &|c| c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0}),
             "rope-linear",
