@@ -56,6 +56,11 @@ pub struct DeepSeekConfig {
     /// RoPE scaling: `null`, or YaRN (`{"type": "yarn", "factor": ..., ...}`); MLA only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// transformers 5's spelling of `rope_theta` and `rope_scaling` in one table
+    /// (`{"rope_type": "yarn", "rope_theta": ..., "factor": ...}`); used when `rope_scaling`
+    /// is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
     /// Whether the rotary part rotates adjacent pairs `(2i, 2i+1)` (DeepSeek's layout, the
     /// HF default for `deepseek_v3`) rather than halves `(i, i + r/2)`.
     #[serde(default = "default_true")]
@@ -82,6 +87,17 @@ pub struct DeepSeekConfig {
     /// HF key; `deepseek_v3` or `deepseek_v2` when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
+}
+
+/// `rope_parameters`: the RoPE base and the `rope_scaling` keys in one table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    /// The RoPE base, overriding the top-level `rope_theta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// `rope_type` and the scaling keys.
+    #[serde(flatten)]
+    pub scaling: RopeScaling,
 }
 
 /// The `quantization_config` of DeepSeek-V3's released FP8 checkpoint.
@@ -143,6 +159,23 @@ impl MlaDims {
     pub fn qk_head(&self) -> usize {
         self.qk_nope + self.qk_rope
     }
+}
+
+/// The same error, naming the `rope_parameters` key that held the value.
+fn in_rope_parameters(error: ModelConfigError) -> ModelConfigError {
+    let ModelConfigError::Key { key, value, expected } = error else { return error };
+    let key = match key {
+        "rope_scaling.type" | "rope_scaling.rope_type" => "rope_parameters.rope_type",
+        "rope_scaling.factor" => "rope_parameters.factor",
+        "rope_scaling.original_max_position_embeddings" => "rope_parameters.original_max_position_embeddings",
+        "rope_scaling.beta_fast" => "rope_parameters.beta_fast",
+        "rope_scaling.beta_slow" => "rope_parameters.beta_slow",
+        "rope_scaling.mscale" => "rope_parameters.mscale",
+        "rope_scaling.mscale_all_dim" => "rope_parameters.mscale_all_dim",
+        "rope_scaling.attention_factor" => "rope_parameters.attention_factor",
+        other => other,
+    };
+    ModelConfigError::Key { key, value, expected }
 }
 
 fn default_true() -> bool {
@@ -217,8 +250,8 @@ impl DeepSeekConfig {
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return key("rms_norm_eps", &self.rms_norm_eps, "finite and > 0".into());
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return key("rope_theta", &self.rope_theta, "finite and > 1".into());
+        if !(self.rope_base().is_finite() && self.rope_base() > 1.0) {
+            return key("rope_theta", &self.rope_base(), "finite and > 1".into());
         }
         if self.num_moe_layers() > 0 {
             self.moe_layer_config()?;
@@ -293,9 +326,20 @@ impl DeepSeekConfig {
         Ok(Some(dims))
     }
 
-    /// The YaRN settings, if `rope_scaling` asks for YaRN.
+    /// The YaRN settings, if `rope_scaling` (or, without it, `rope_parameters`) asks for YaRN.
     pub fn yarn(&self) -> Result<Option<YarnScaling>, ModelConfigError> {
-        self.rope_scaling.as_ref().map_or(Ok(None), RopeScaling::resolve)
+        match (&self.rope_scaling, &self.rope_parameters) {
+            (Some(scaling), _) => scaling.resolve(),
+            (None, Some(parameters)) if parameters.scaling.kind.is_some() || parameters.scaling.rope_type.is_some() => {
+                parameters.scaling.resolve().map_err(in_rope_parameters)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The RoPE base: `rope_parameters.rope_theta` when given, else `rope_theta`.
+    pub fn rope_base(&self) -> f64 {
+        self.rope_parameters.as_ref().and_then(|p| p.rope_theta).unwrap_or(self.rope_theta)
     }
 
     /// Blocks with an MoE layer.

@@ -43,6 +43,6 @@ pub mod rope;
 pub use attention::{Attention, MultiHeadAttention};
 pub use block::{DecoderBlock, FeedForward};
 pub use cache::KvCache;
-pub use config::{DeepSeekConfig, MlaDims, ModelConfigError, QuantizationConfig};
+pub use config::{DeepSeekConfig, MlaDims, ModelConfigError, QuantizationConfig, RopeParameters};
 pub use mla::{LowRankQuery, MlaAttention, MlaQuery};
 pub use model::{DeepSeekModel, ModelError, ModelOutput};

@@ -86,14 +86,14 @@ impl DeepSeekConfig {
                 d,
                 self.num_attention_heads,
                 self.max_position_embeddings,
-                self.rope_theta,
+                self.rope_base(),
                 device,
             )));
         };
         let yarn = self.yarn()?;
         let inv_freq = match &yarn {
-            Some(yarn) => yarn.inv_freq(dims.qk_rope, self.rope_theta),
-            None => plain_inv_freq(dims.qk_rope, self.rope_theta),
+            Some(yarn) => yarn.inv_freq(dims.qk_rope, self.rope_base()),
+            None => plain_inv_freq(dims.qk_rope, self.rope_base()),
         };
         let cos_sin_factor = yarn.as_ref().map_or(1.0, |y| y.cos_sin_factor());
         let rope =

@@ -110,3 +110,19 @@ fn export_then_import_is_bit_exact() {
     let after = values(reloaded.forward(tokens).unwrap().logits);
     assert!(before.iter().zip(&after).all(|(p, q)| p.to_bits() == q.to_bits()));
 }
+
+/// The file-to-file path the command line uses: `input_ids` in, `logits` out.
+#[test]
+fn logits_file_writes_hf_logits() {
+    let device = Default::default();
+    let (_, model) = load_checkpoint::<B>(&tiny_a(), &device).unwrap();
+    let out = scratch("logits-file").join("logits.safetensors");
+    let shape = moe_model::hf::logits_file(&model, &tiny_a().join("reference.safetensors"), &out).unwrap();
+    let (_, expected, expected_shape) = reference();
+    assert_eq!(shape, expected_shape);
+    let raw = common::read_raw(&out);
+    let (dtype, dims, bytes) = &raw["logits"];
+    assert_eq!((*dtype, dims.as_slice()), (safetensors::Dtype::F32, &shape[..]));
+    let ours: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert!(max_abs(&ours, &expected) <= 1e-4);
+}

@@ -99,3 +99,38 @@ fn rotation_matches_a_complex_hand_loop() {
         }
     }
 }
+
+/// transformers 5 writes `rope_parameters` instead of `rope_theta` + `rope_scaling`: the same
+/// settings give the same model, and bad values name the `rope_parameters` key.
+#[test]
+fn rope_parameters_are_read_like_rope_scaling() {
+    let base = r#""vocab_size": 16, "hidden_size": 16, "intermediate_size": 16, "moe_intermediate_size": 8,
+        "num_hidden_layers": 1, "first_k_dense_replace": 1, "n_routed_experts": 4,
+        "num_experts_per_tok": 2, "num_attention_heads": 2, "max_position_embeddings": 64,
+        "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8"#;
+    let old: DeepSeekConfig = serde_json::from_str(&format!(
+        r#"{{{base}, "rope_theta": 50000, "rope_scaling": {{"type": "yarn", "factor": 40,
+            "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0}}}}"#
+    ))
+    .unwrap();
+    let new: DeepSeekConfig = serde_json::from_str(&format!(
+        r#"{{{base}, "rope_parameters": {{"rope_type": "yarn", "rope_theta": 50000, "factor": 40,
+            "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(new.rope_base(), 50_000.0);
+    assert_eq!(old.yarn().unwrap(), new.yarn().unwrap());
+    assert!(new.yarn().unwrap().is_some());
+    let plain: DeepSeekConfig = serde_json::from_str(&format!(
+        r#"{{{base}, "rope_parameters": {{"rope_type": "default", "rope_theta": 500}}}}"#
+    ))
+    .unwrap();
+    assert_eq!((plain.yarn().unwrap(), plain.rope_base()), (None, 500.0));
+    let bad: DeepSeekConfig =
+        serde_json::from_str(&format!(r#"{{{base}, "rope_parameters": {{"rope_type": "llama3", "factor": 8}}}}"#))
+            .unwrap();
+    match bad.validate() {
+        Err(moe_model::ModelConfigError::Key { key, .. }) => assert_eq!(key, "rope_parameters.rope_type"),
+        other => panic!("{other:?}"),
+    }
+}

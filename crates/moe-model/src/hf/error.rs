@@ -57,6 +57,9 @@ pub enum CheckpointError {
     /// Tensors the model does not use (other than the skipped MTP layers).
     #[error("tensors not used by a model with this config.json: {}", .0.join(", "))]
     Unexpected(Vec<String>),
+    /// Inference over the checkpoint failed (bad token ids, too long an input).
+    #[error(transparent)]
+    Generate(#[from] crate::generate::GenerateError),
     /// The model has no HF DeepSeek-V3 layout (multi-head attention).
     #[error("{0}")]
     Unsupported(String),

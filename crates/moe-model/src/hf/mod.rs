@@ -11,10 +11,12 @@
 mod error;
 pub mod fp8;
 mod load;
+mod logits_file;
 mod save;
 mod store;
 
 pub use error::CheckpointError;
 pub use load::{is_skipped, load_checkpoint, load_config, load_model};
+pub use logits_file::logits_file;
 pub use save::{hf_config_json, save_checkpoint};
 pub use store::TensorStore;
