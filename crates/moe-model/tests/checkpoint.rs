@@ -265,3 +265,26 @@ fn fp8_and_bf16_weights_are_dequantized() {
         "{err}"
     );
 }
+
+/// With `tie_word_embeddings` the head is the embedding: loaded from it, left out on export,
+/// and an untied head is not silently dropped.
+#[test]
+fn tied_embeddings_load_and_export() {
+    let mut config = tiny_config();
+    config["tie_word_embeddings"] = true.into();
+    let mut raw = tiny_raw();
+    raw.remove("lm_head.weight");
+    let dir = write_checkpoint("tied", &config, &raw);
+    let (parsed, model) = load_checkpoint::<B>(&dir, &Default::default()).unwrap();
+    let head = values(model.lm_head.weight.val().transpose());
+    assert_eq!(head, values(model.embedding.weight.val()));
+    let out = common::scratch("tied-export");
+    moe_model::hf::save_checkpoint(&model, &parsed, &out).unwrap();
+    assert!(!read_raw(&out.join("model.safetensors")).contains_key("lm_head.weight"));
+    let (_, reloaded) = load_checkpoint::<B>(&out, &Default::default()).unwrap();
+    assert_eq!(values(reloaded.lm_head.weight.val()), values(model.lm_head.weight.val()));
+
+    let (_, untied) = load_checkpoint::<B>(&tiny_a(), &Default::default()).unwrap();
+    let err = moe_model::hf::save_checkpoint(&untied, &parsed, &common::scratch("untied")).unwrap_err();
+    assert!(matches!(err, CheckpointError::Unsupported(ref m) if m.contains("tie_word_embeddings")), "{err}");
+}

@@ -150,7 +150,16 @@ pub fn save_checkpoint<B: Backend>(
         }
     }
     tensors.norm("model.norm.weight".into(), &model.norm);
-    if !config.tie_word_embeddings {
+    if config.tie_word_embeddings {
+        // HF rebuilds the head from the embedding; refuse to drop a head that differs.
+        let [d, vocab] = model.lm_head.weight.dims();
+        let head = transposed(&values(model.lm_head.weight.val()), d, vocab);
+        if head != values(model.embedding.weight.val()) {
+            return Err(CheckpointError::Unsupported(
+                "tie_word_embeddings is true but the LM head differs from the token embedding".into(),
+            ));
+        }
+    } else {
         tensors.linear("lm_head.weight".into(), &model.lm_head);
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
