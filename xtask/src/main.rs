@@ -14,6 +14,8 @@ struct Cli {
     verb: Verb,
 }
 
+// Parsed once per process: the size gap between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Verb {
     /// Run the criterion benches of the MoE layer and print a table.
@@ -24,6 +26,9 @@ enum Verb {
     /// Sample text from a trained run.
     #[command(disable_help_flag = true)]
     Generate(Forwarded),
+    /// Simulate expert-parallel all-to-all traffic on a cluster.
+    #[command(disable_help_flag = true)]
+    Simulate(Forwarded),
     /// Train with no balancing, the aux loss and loss-free balancing; write docs/results.md.
     #[command(disable_help_flag = true)]
     CompareBalance(Forwarded),
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
         Verb::Bench(args) => bench::run(&args),
         Verb::Train(f) => runner::run("train", &f.args),
         Verb::Generate(f) => runner::run("generate", &f.args),
+        Verb::Simulate(f) => runner::run("simulate", &f.args),
         Verb::CompareBalance(f) => runner::run("compare-balance", &f.args),
     };
     match result {

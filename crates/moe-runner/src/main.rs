@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand, ValueEnum};
+use moe_parallel::sim::{SimConfig, simulate};
 use moe_runner::compare::{plot_path, run_arms, write_results};
 use moe_runner::report;
 use moe_runner::sample::{Sampling, continue_text, load_run};
@@ -117,6 +118,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendChoice,
     },
+    /// Simulate expert-parallel all-to-all traffic on a cluster (defaults: DeepSeek-V3's).
+    Simulate(SimulateArgs),
     /// Train with balance.mode none, aux_loss and loss_free on one budget; write a table and a plot.
     CompareBalance {
         #[command(flatten)]
@@ -131,6 +134,89 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendChoice,
     },
+}
+
+/// Flags of `simulate`; each one unset keeps `SimConfig`'s default (DeepSeek-V3's setting).
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// GPUs in the cluster.
+    #[arg(long)]
+    gpus: Option<usize>,
+    /// GPUs per node.
+    #[arg(long)]
+    gpus_per_node: Option<usize>,
+    /// GPUs in one expert-parallel group (default: gcd of --gpus and --experts).
+    #[arg(long)]
+    ep_gpus: Option<usize>,
+    /// Routed experts.
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Experts per token.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Node limit M, or `none`.
+    #[arg(long)]
+    max_nodes: Option<String>,
+    /// Shared experts.
+    #[arg(long)]
+    shared: Option<usize>,
+    /// Token width d.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Width of one expert.
+    #[arg(long)]
+    expert_hidden: Option<usize>,
+    /// Tokens each GPU routes per layer.
+    #[arg(long)]
+    tokens_per_gpu: Option<usize>,
+    /// uniform | zipf:S | trace:FILE (a routing_trace.bin from a training run).
+    #[arg(long)]
+    routing: Option<String>,
+    /// NVLink GB/s per GPU.
+    #[arg(long)]
+    nvlink_gbps: Option<f64>,
+    /// InfiniBand GB/s per GPU.
+    #[arg(long)]
+    ib_gbps: Option<f64>,
+    /// Bytes per element dispatched (1: FP8).
+    #[arg(long)]
+    dispatch_bytes: Option<usize>,
+    /// Bytes per element combined (2: BF16).
+    #[arg(long)]
+    combine_bytes: Option<usize>,
+    /// Achieved TFLOP/s of one GPU on the expert GEMMs.
+    #[arg(long)]
+    gpu_tflops: Option<f64>,
+    /// Seeds the sampled routing.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl SimulateArgs {
+    fn config(&self) -> Result<SimConfig, Error> {
+        let mut c = SimConfig::default();
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$field = v; } )* };
+        }
+        take!(gpus, gpus_per_node, experts, top_k, shared, hidden, expert_hidden, tokens_per_gpu, nvlink_gbps, ib_gbps);
+        take!(dispatch_bytes, combine_bytes, gpu_tflops, seed);
+        if self.ep_gpus.is_some() {
+            c.ep_gpus = self.ep_gpus;
+        }
+        if let Some(m) = &self.max_nodes {
+            c.max_nodes = match m.as_str() {
+                "none" => None,
+                n => Some(n.parse().map_err(|_| format!("--max-nodes {n}: expected a number or `none`"))?),
+            };
+        }
+        if let Some(r) = &self.routing {
+            c.routing = r.parse()?;
+        }
+        Ok(c)
+    }
 }
 
 fn main() -> ExitCode {
@@ -184,6 +270,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                 continue_text(&model, context, prompt.as_bytes(), length, &sampling, &device)
             })?;
             println!("{prompt}{}", String::from_utf8_lossy(&text));
+            Ok(())
+        }
+        Command::Simulate(args) => {
+            let report = simulate(&args.config()?)?;
+            println!("{report}");
+            if let Some(path) = &args.json {
+                std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+            }
             Ok(())
         }
         Command::CompareBalance { config, runs, output, backend } => {

@@ -24,6 +24,9 @@ use crate::rng::SplitMix64;
 use crate::schedule::learning_rate;
 use crate::settings::{BalanceMode, RunConfig, SettingsError};
 
+/// The routing trace of the validation set, in the run directory.
+pub const TRACE_FILE: &str = "routing_trace.bin";
+
 /// How to run, beyond the configuration.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -57,6 +60,9 @@ pub enum TrainError {
         /// Why.
         source: std::io::Error,
     },
+    /// The routing trace failed.
+    #[error(transparent)]
+    Trace(#[from] crate::trace::RoutingTraceError),
     /// Starting over would overwrite a run.
     #[error("{0} already holds checkpoints: pass --resume to continue it, or --run-dir for a new run")]
     RunExists(PathBuf),
@@ -306,6 +312,7 @@ where
         Some(e) => e,
         None => evaluate(&model.valid(), &corpus, &config, device)?,
     };
+    crate::trace::write(&run_dir.join(TRACE_FILE), &model.valid(), &corpus, &config, device)?;
     let checkpoint = latest.ok_or_else(|| CheckpointError::None(run_dir.clone()))?;
     Ok(RunSummary {
         steps: step,

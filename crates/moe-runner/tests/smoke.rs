@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::backend::{Autodiff, Flex};
 use moe_runner::sample::{Sampling, continue_text, load_run};
 use moe_runner::settings::{Layers, RunConfig};
-use moe_runner::train::{RunOptions, train};
+use moe_runner::train::{RunOptions, TRACE_FILE, train};
 use moe_runner::{checkpoint, metrics, report};
 
 #[test]
@@ -44,6 +44,15 @@ fn smoke_run_learns_and_writes_its_files() {
     let kept = checkpoint::list(&run_dir).unwrap();
     assert_eq!(kept.len(), 1);
     assert_eq!(checkpoint::read_state(&kept[0]).unwrap().step, steps);
+
+    // The routing trace covers every validation token of every MoE layer, and its load gives
+    // the same validation MaxVio as the evaluation's own count.
+    let trace = moe_balance::RoutingTrace::load(run_dir.join(TRACE_FILE)).unwrap();
+    let val_tokens = (config.train.eval_batches * config.data.batch_size * config.data.seq_len) as u64;
+    assert_eq!((trace.num_layers(), trace.num_tokens()), (layers, val_tokens));
+    let worst =
+        (0..layers).map(|l| moe_balance::metrics::max_violation(&trace.expert_load(l).unwrap())).fold(0.0, f64::max);
+    assert!((worst - summary.eval.val_max_vio).abs() < 1e-9, "trace {worst} vs eval {}", summary.eval.val_max_vio);
 
     let text = report::write(&run_dir, &config, &summary).unwrap();
     assert!(text.contains("validation loss"));
