@@ -90,6 +90,8 @@ pub enum LayerCache<B: Backend> {
 pub struct KvCache<B: Backend> {
     pub(crate) layers: Vec<LayerCache<B>>,
     pub(crate) len: usize,
+    /// Sequences in the cache, fixed by the first call.
+    pub(crate) batch: Option<usize>,
 }
 
 impl<B: Backend> KvCache<B> {

@@ -61,8 +61,9 @@ pub struct DeepSeekConfig {
     /// is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
-    /// Whether the rotary part rotates adjacent pairs `(2i, 2i+1)` (DeepSeek's layout, the
-    /// HF default for `deepseek_v3`) rather than halves `(i, i + r/2)`.
+    /// MLA: whether the rotary part rotates adjacent pairs `(2i, 2i+1)` (DeepSeek's layout,
+    /// the HF default for `deepseek_v3`) rather than halves `(i, i + r/2)`. Multi-head
+    /// attention always rotates adjacent pairs.
     #[serde(default = "default_true")]
     pub rope_interleave: bool,
     /// Whether the LM head reuses the token embedding.

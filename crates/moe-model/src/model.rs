@@ -36,6 +36,14 @@ pub enum ModelError {
     /// An MoE block failed.
     #[error(transparent)]
     Moe(#[from] MoeError),
+    /// The tokens' batch size differs from the cache's.
+    #[error("the cache holds {cache} sequences but the tokens have batch size {got}")]
+    CacheBatch {
+        /// Sequences in the cache.
+        cache: usize,
+        /// The tokens' batch size.
+        got: usize,
+    },
     /// The cache was made by a model with other blocks.
     #[error("the cache does not match this model's blocks (use DeepSeekModel::new_cache)")]
     CacheKind,
@@ -106,7 +114,7 @@ impl DeepSeekConfig {
 impl<B: MoeBackend> DeepSeekModel<B> {
     /// An empty cache for incremental decoding with [`DeepSeekModel::forward_with_cache`].
     pub fn new_cache(&self) -> KvCache<B> {
-        KvCache { layers: self.blocks.iter().map(|b| b.attention.new_cache()).collect(), len: 0 }
+        KvCache { layers: self.blocks.iter().map(|b| b.attention.new_cache()).collect(), len: 0, batch: None }
     }
 
     /// Logits `[batch, seq, vocab]` for new `tokens` `[batch, seq]` that continue the tokens
@@ -124,6 +132,13 @@ impl<B: MoeBackend> DeepSeekModel<B> {
         if cache.layers.len() != self.blocks.len() {
             return Err(ModelError::CacheKind);
         }
+        let batch = tokens.dims()[0];
+        if let Some(cached) = cache.batch
+            && cached != batch
+        {
+            return Err(ModelError::CacheBatch { cache: cached, got: batch });
+        }
+        cache.batch = Some(batch);
         let mut x = self.embedding.forward(tokens);
         for (block, layer_cache) in self.blocks.iter().zip(&mut cache.layers) {
             x = block.forward_cached(x, layer_cache)?;

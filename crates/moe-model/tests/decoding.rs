@@ -37,6 +37,9 @@ fn multi_head_cache_matches_the_full_forward() {
     assert!(err <= 1e-5, "{err}");
     // Full K and V of every head: 2 * 32 values per token per block.
     assert_eq!(cache.values_per_token(), 2 * 2 * 32);
+    // Another batch size is a typed error, not a shape panic.
+    let one = Tensor::<B, 2, Int>::zeros([1, 1], &device);
+    assert_eq!(model.forward_with_cache(one, &mut cache).unwrap_err(), ModelError::CacheBatch { cache: 2, got: 1 });
     // The cache is bounded by max_position_embeddings like the forward.
     let long = Tensor::<B, 2, Int>::zeros([2, 9], &device);
     assert_eq!(
