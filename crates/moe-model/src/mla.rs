@@ -7,7 +7,7 @@ use burn::tensor::{Bool, Tensor, activation::softmax, backend::Backend};
 
 use crate::cache::LatentCache;
 use crate::config::MlaDims;
-use crate::rope::RopeTables;
+use crate::rope::RotaryEmbedding;
 
 /// The low-rank query path: `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
 #[derive(Module, Debug)]
@@ -45,7 +45,7 @@ pub struct MlaAttention<B: Backend> {
     pub kv_b_proj: Linear<B>,
     /// `o_proj`: `heads * v_head -> d`.
     pub o_proj: Linear<B>,
-    rope: RopeTables<B>,
+    rope: RotaryEmbedding<B>,
     heads: usize,
     kv_lora_rank: usize,
     qk_nope: usize,
@@ -61,7 +61,7 @@ impl<B: Backend> MlaAttention<B> {
         dims: &MlaDims,
         d: usize,
         eps: f64,
-        rope: RopeTables<B>,
+        rope: RotaryEmbedding<B>,
         softmax_scale: f64,
         device: &B::Device,
     ) -> Self {

@@ -5,7 +5,7 @@ use moe_experts::{MoeAux, MoeBackend, MoeError, SwiGluConfig};
 use thiserror::Error;
 
 use crate::cache::KvCache;
-use crate::rope::{RopeTables, plain_inv_freq};
+use crate::rope::{RotaryEmbedding, plain_inv_freq};
 use crate::{Attention, DecoderBlock, DeepSeekConfig, FeedForward, MlaAttention, ModelConfigError, MultiHeadAttention};
 
 /// The decoder language model.
@@ -105,7 +105,7 @@ impl DeepSeekConfig {
         };
         let cos_sin_factor = yarn.as_ref().map_or(1.0, |y| y.cos_sin_factor());
         let rope =
-            RopeTables::new(&inv_freq, self.max_position_embeddings, cos_sin_factor, self.rope_interleave, device);
+            RotaryEmbedding::new(&inv_freq, self.max_position_embeddings, cos_sin_factor, self.rope_interleave, device);
         let scale = (dims.qk_head() as f64).powf(-0.5) * yarn.as_ref().map_or(1.0, |y| y.softmax_factor());
         Ok(Attention::Latent(MlaAttention::new(&dims, d, self.rms_norm_eps, rope, scale, device)))
     }

@@ -1,4 +1,4 @@
-//! Rotary positions for MLA: the frequency tables (plain or YaRN) and their application in
+//! Rotary positions for MLA: the frequencies (plain or YaRN) and their application in
 //! DeepSeek's interleaved-pair layout.
 
 use burn::module::Module;
@@ -182,7 +182,7 @@ pub fn plain_inv_freq(dim: usize, base: f64) -> Vec<f64> {
 /// Rotary frequencies and the pair layout they rotate. cos/sin are formed per call for the
 /// positions at hand, so a long context costs no table per block.
 #[derive(Module, Debug)]
-pub struct RopeTables<B: Backend> {
+pub struct RotaryEmbedding<B: Backend> {
     /// `[dim / 2]` inverse frequencies.
     inv_freq: Tensor<B, 1>,
     factor: f64,
@@ -190,7 +190,7 @@ pub struct RopeTables<B: Backend> {
     max_len: usize,
 }
 
-impl<B: Backend> RopeTables<B> {
+impl<B: Backend> RotaryEmbedding<B> {
     /// Rotations by `inv_freq` for positions `0..max_len`, with cos and sin multiplied by
     /// `factor`; `interleave` rotates pairs `(2i, 2i+1)`, otherwise `(i, i + dim/2)`.
     pub fn new(inv_freq: &[f64], max_len: usize, factor: f64, interleave: bool, device: &B::Device) -> Self {
@@ -215,7 +215,7 @@ impl<B: Backend> RopeTables<B> {
     }
 
     /// Rotates `x` `[batch, heads, len, dim]` as positions `start..start + len`; the caller
-    /// checks that they are within [`RopeTables::max_len`].
+    /// checks that they are within [`RotaryEmbedding::max_len`].
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [b, h, l, r] = x.dims();
         let half = r / 2;

@@ -3,7 +3,7 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{Distribution, Tensor};
-use moe_model::rope::{RopeScaling, RopeTables, plain_inv_freq};
+use moe_model::rope::{RopeScaling, RotaryEmbedding, plain_inv_freq};
 use moe_model::{Attention, DeepSeekConfig};
 
 type B = NdArray;
@@ -84,7 +84,7 @@ fn rotation_matches_a_complex_hand_loop() {
     let x = Tensor::<B, 4>::random([1, 2, len, dim], Distribution::Normal(0.0, 1.0), &device);
     let xs: Vec<f32> = x.clone().into_data().iter::<f32>().collect();
     for interleave in [true, false] {
-        let tables = RopeTables::<B>::new(&inv_freq, 16, 0.5, interleave, &device);
+        let tables = RotaryEmbedding::<B>::new(&inv_freq, 16, 0.5, interleave, &device);
         let ours: Vec<f32> = tables.apply(x.clone(), start).into_data().iter::<f32>().collect();
         for row in 0..2 * len {
             let p = (start + row % len) as f64;
