@@ -23,9 +23,12 @@ enum Verb {
     /// Train a DeepSeek-style MoE language model (`cargo xtask train --help` for the options).
     #[command(disable_help_flag = true)]
     Train(Forwarded),
-    /// Sample text from a trained run.
+    /// Sample from a trained run or an HF checkpoint.
     #[command(disable_help_flag = true)]
     Generate(Forwarded),
+    /// Logits of an HF checkpoint for the input_ids of a safetensors file.
+    #[command(disable_help_flag = true)]
+    Logits(Forwarded),
     /// Simulate expert-parallel all-to-all traffic on a cluster.
     #[command(disable_help_flag = true)]
     Simulate(Forwarded),
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Verb::Bench(args) => bench::run(&args),
         Verb::Train(f) => runner::run("train", &f.args),
         Verb::Generate(f) => runner::run("generate", &f.args),
+        Verb::Logits(f) => runner::run("logits", &f.args),
         Verb::Simulate(f) => runner::run("simulate", &f.args),
         Verb::CompareBalance(f) => runner::run("compare-balance", &f.args),
     };

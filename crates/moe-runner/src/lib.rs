@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod compare;
 pub mod corpus;
+pub mod hf_checkpoint;
 pub mod metrics;
 pub mod plots;
 pub mod report;

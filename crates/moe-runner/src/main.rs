@@ -5,12 +5,13 @@ use std::process::ExitCode;
 
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand, ValueEnum};
+use moe_model::generate::GenerateConfig;
 use moe_parallel::sim::{SimConfig, simulate};
 use moe_runner::compare::{plot_path, run_arms, write_results};
-use moe_runner::report;
-use moe_runner::sample::{Sampling, continue_text, load_run};
+use moe_runner::sample::{continue_text, load_run};
 use moe_runner::settings::{Layers, RunConfig};
 use moe_runner::train::{RunOptions, train};
+use moe_runner::{hf_checkpoint, report};
 
 /// Runs `$body` with `$B` bound to the chosen autodiff backend and `$device` to its device;
 /// a backend not compiled in is an error that says how to enable it.
@@ -96,15 +97,21 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendChoice,
     },
-    /// Sample text from a trained run.
+    /// Sample from a trained run (--run) or an HF DeepSeek-V3 checkpoint (--checkpoint).
     Generate {
-        /// The run directory (its newest checkpoint is used).
+        /// A run directory of `train` (its newest checkpoint is used).
+        #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+        run: Option<PathBuf>,
+        /// An HF checkpoint folder (config.json + safetensors, tokenizer.json if it has one).
         #[arg(long)]
-        run: PathBuf,
+        checkpoint: Option<PathBuf>,
         /// Text to continue.
         #[arg(long, default_value = "")]
         prompt: String,
-        /// Bytes to generate.
+        /// The prompt as token ids, comma-separated (--checkpoint; instead of --prompt).
+        #[arg(long, value_delimiter = ',', requires = "checkpoint")]
+        ids: Option<Vec<i64>>,
+        /// Tokens (bytes, for a run) to generate.
         #[arg(long, default_value_t = 400)]
         length: usize,
         /// Softmax temperature (0: greedy).
@@ -117,6 +124,21 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Which backend runs the model.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendChoice,
+    },
+    /// Logits of an HF checkpoint for the `input_ids` of a safetensors file (f32, written as `logits`).
+    Logits {
+        /// An HF checkpoint folder (config.json + safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A safetensors file holding `input_ids` [B, T] (I64 or I32).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write `logits` [B, T, V] (F32).
+        #[arg(long)]
+        output: PathBuf,
+        /// Which backend runs the model (f32).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendChoice,
     },
@@ -259,19 +281,34 @@ fn run(cli: Cli) -> Result<(), Error> {
             println!("sample:    cargo xtask generate --run {} --prompt \"ROMEO:\"", run_dir.display());
             Ok(())
         }
-        Command::Generate { run, prompt, length, temperature, top_p, seed, backend } => {
-            if !(temperature.is_finite() && temperature >= 0.0) {
-                return Err(format!("--temperature {temperature}: expected a finite value >= 0").into());
+        Command::Generate { run, checkpoint, prompt, ids, length, temperature, top_p, seed, backend } => {
+            let sampling = hf_checkpoint::sampling(temperature, top_p);
+            if let Some(dir) = checkpoint {
+                let config = GenerateConfig { max_new_tokens: length, sampling, seed, eos_token_id: None };
+                let out = with_backend!(backend, |B, device| {
+                    hf_checkpoint::generate_from_checkpoint::<<B as AutodiffBackend>::InnerBackend>(
+                        &dir, &prompt, ids, &config, &device,
+                    )
+                })?;
+                match out.text {
+                    Some(text) => println!("{prompt}{text}"),
+                    None => println!("prompt ids {:?}\nnew ids {:?}", out.prompt_ids, out.ids),
+                }
+                return Ok(());
             }
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                return Err(format!("--top-p {top_p}: expected a value in (0, 1]").into());
-            }
-            let sampling = Sampling { temperature, top_p, seed };
+            let run = run.ok_or("--run or --checkpoint is required")?;
             let text = with_backend!(backend, |B, device| {
                 let (model, context) = load_run::<<B as AutodiffBackend>::InnerBackend>(&run, &device)?;
-                continue_text(&model, context, prompt.as_bytes(), length, &sampling, &device)
+                continue_text(&model, context, prompt.as_bytes(), length, sampling, seed)
             })?;
             println!("{prompt}{}", String::from_utf8_lossy(&text));
+            Ok(())
+        }
+        Command::Logits { checkpoint, input, output, backend } => {
+            let shape = with_backend!(backend, |B, device| {
+                hf_checkpoint::logits::<<B as AutodiffBackend>::InnerBackend>(&checkpoint, &input, &output, &device)
+            })?;
+            println!("wrote logits {shape:?} to {}", output.display());
             Ok(())
         }
         Command::Simulate(args) => {

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
-use moe_runner::sample::{Sampling, continue_text, load_run};
+use moe_model::generate::Sampling;
+use moe_runner::sample::{continue_text, load_run};
 use moe_runner::settings::{Layers, RunConfig};
 use moe_runner::train::{RunOptions, TRACE_FILE, train};
 use moe_runner::{checkpoint, metrics, report};
@@ -63,11 +64,17 @@ fn smoke_run_learns_and_writes_its_files() {
         }
     }
 
-    let device = Default::default();
-    let (model, context) = load_run::<Flex>(&run_dir, &device).unwrap();
-    let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-    let a = continue_text(&model, context, b"ROMEO:", 20, &greedy, &device).unwrap();
-    let b = continue_text(&model, context, b"ROMEO:", 20, &greedy, &device).unwrap();
-    assert_eq!((a.len(), &a), (20, &b), "greedy decoding is deterministic");
+    // Sampling reads the run back: greedy is deterministic, and a longer text than the window
+    // slides it (the smoke window is 32 bytes).
+    let (model, context) = load_run::<Flex>(&run_dir, &Default::default()).unwrap();
+    let a = continue_text(&model, context, b"ROMEO:", 40, Sampling::Greedy, 0).unwrap();
+    let b = continue_text(&model, context, b"ROMEO:", 40, Sampling::Greedy, 1).unwrap();
+    assert_eq!((a.len(), &a), (40, &b), "greedy decoding is deterministic");
+    let hot = Sampling::Temperature { temperature: 1.0, top_p: 0.9 };
+    assert_eq!(
+        continue_text(&model, context, b"", 40, hot, 7).unwrap(),
+        continue_text(&model, context, b"", 40, hot, 7).unwrap(),
+        "one seed, one text"
+    );
     std::fs::remove_dir_all(&run_dir).unwrap();
 }
