@@ -1,4 +1,4 @@
-//! The `logits` contract, through the binary: the tiny_a fixture's `input_ids` in, logits out,
+//! The HF checkpoint verbs through the binary. The `logits` contract: the tiny_a fixture's `input_ids` in, logits out,
 //! within 1e-4 of HF transformers' (the fixture's `reference.safetensors`).
 
 use std::path::PathBuf;
@@ -45,4 +45,26 @@ fn logits_command_matches_hf_transformers() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/nonexistent/in.safetensors"));
     assert!(!output.with_extension("never").exists());
     std::fs::remove_file(&output).unwrap();
+}
+
+#[test]
+fn generate_from_a_checkpoint_takes_ids_or_names_the_missing_tokenizer() {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../moe-model/tests/data/tiny_a");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_moe-runner"))
+            .args(["generate", "--checkpoint"])
+            .arg(&fixture)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let greedy = run(&["--ids", "5,17,42", "--length", "6", "--temperature", "0"]);
+    assert!(greedy.status.success(), "{}", String::from_utf8_lossy(&greedy.stderr));
+    let text = String::from_utf8_lossy(&greedy.stdout).into_owned();
+    let new_ids = text.lines().find_map(|l| l.strip_prefix("new ids ")).expect("a line of new ids");
+    assert_eq!(new_ids.matches(',').count() + 1, 6, "{text}");
+    assert_eq!(run(&["--ids", "5,17,42", "--length", "6", "--temperature", "0"]).stdout, greedy.stdout);
+    // The fixture ships no tokenizer.json, so a text prompt is refused, naming the way out.
+    let refused = run(&["--prompt", "hello"]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--ids"));
 }
