@@ -18,38 +18,21 @@ use moe_runner::{hf_checkpoint, report};
 macro_rules! with_backend {
     ($choice:expr, |$B:ident, $device:ident| $body:expr) => {
         match $choice {
-            BackendChoice::Cpu => {
-                #[cfg(feature = "cpu")]
-                {
-                    type $B = burn::backend::Autodiff<burn::backend::Flex>;
-                    let $device = Default::default();
-                    Ok::<_, Error>($body?)
-                }
-                #[cfg(not(feature = "cpu"))]
-                Err::<_, Error>(missing("cpu"))
-            }
-            BackendChoice::Cuda => {
-                #[cfg(feature = "cuda")]
-                {
-                    type $B = burn::backend::Autodiff<burn::backend::Cuda>;
-                    let $device = Default::default();
-                    Ok::<_, Error>($body?)
-                }
-                #[cfg(not(feature = "cuda"))]
-                Err::<_, Error>(missing("cuda"))
-            }
-            BackendChoice::Wgpu => {
-                #[cfg(feature = "wgpu")]
-                {
-                    type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
-                    let $device = Default::default();
-                    Ok::<_, Error>($body?)
-                }
-                #[cfg(not(feature = "wgpu"))]
-                Err::<_, Error>(missing("wgpu"))
-            }
+            BackendChoice::Cpu => with_backend!(@arm "cpu", burn::backend::Flex, $B, $device, $body),
+            BackendChoice::Cuda => with_backend!(@arm "cuda", burn::backend::Cuda, $B, $device, $body),
+            BackendChoice::Wgpu => with_backend!(@arm "wgpu", burn::backend::Wgpu, $B, $device, $body),
         }
     };
+    (@arm $feature:literal, $backend:ty, $B:ident, $device:ident, $body:expr) => {{
+        #[cfg(feature = $feature)]
+        {
+            type $B = burn::backend::Autodiff<$backend>;
+            let $device = Default::default();
+            Ok::<_, Error>($body?)
+        }
+        #[cfg(not(feature = $feature))]
+        Err::<_, Error>(missing($feature))
+    }};
 }
 
 #[derive(Parser)]
