@@ -1,8 +1,12 @@
 //! `cargo xtask bench`: runs `benches/` with criterion, then tabulates criterion's estimates.
+//! `--backend cuda` builds and runs the GPU timing binary `moe-gpu-bench` (bf16, burn-cuda) and
+//! PyTorch's baselines, then prints both with their ratios.
 
 use clap::{Args, ValueEnum};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// CPU backends the benches can be built with.
 #[derive(Clone, Copy, ValueEnum)]
@@ -17,7 +21,9 @@ pub(crate) enum CpuBackend {
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// Which backend to run on. Only `cpu` exists until the GPU kernels land.
+    /// Which backend to run on: `cpu` (criterion benches) or `cuda` (the GPU timing binary in
+    /// bf16 and PyTorch's baselines; needs an NVIDIA GPU and, for the baselines, python3 with
+    /// torch).
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// The CPU backend to build the benches with.
@@ -29,16 +35,61 @@ pub(crate) struct BenchArgs {
     /// Print the table from the last run's results without running anything.
     #[arg(long)]
     report_only: bool,
+    #[command(flatten)]
+    gpu: GpuArgs,
+}
+
+/// Flags of `--backend cuda`.
+#[derive(Args)]
+pub(crate) struct GpuArgs {
+    /// Token counts T of the GPU rows.
+    #[arg(long, default_value = "4096,8192,16384")]
+    tokens: String,
+    /// Shapes of the GPU rows: `dsv3` (d 7168, h 2048, E 256, K 8, 1 shared, 8 groups keep 4)
+    /// and/or `small` (d 1024, h 512, E 64, K 6, 2 shared).
+    #[arg(long, default_value = "small,dsv3")]
+    shapes: String,
+    /// Passes of the GPU rows: `fwd` and/or `fwdbwd`.
+    #[arg(long, default_value = "fwd,fwdbwd")]
+    modes: String,
+    /// Untimed iterations before each GPU row (autotune and kernel compilation happen here).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed iterations per GPU row (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Where the GPU results go (`ours.jsonl`, `torch.json`, `memory.txt`, `table.md`).
+    #[arg(long, default_value = "target/gpu-bench")]
+    out: PathBuf,
+    /// Copy the built binary and PyTorch's script here (for a machine without cargo), and stop.
+    #[arg(long)]
+    stage: Option<PathBuf>,
+    /// Use `moe-gpu-bench` (and `torch_moe_bench.py`) from this folder instead of building.
+    #[arg(long)]
+    prebuilt: Option<PathBuf>,
+    /// Skip PyTorch's baselines.
+    #[arg(long)]
+    skip_torch: bool,
+    /// Wall-clock limit of each child run, in seconds (one per shape and mode). Cold, cubecl's
+    /// autotune costs 30-155 s per new layer shape on an H200 (docs/performance.md).
+    #[arg(long, default_value_t = 1200)]
+    timeout: u64,
+    /// Wall-clock limit of PyTorch's run, in seconds.
+    #[arg(long, default_value_t = 300)]
+    torch_timeout: u64,
+    /// Add to the results already in `--out` instead of starting afresh (to split the rows over
+    /// several runs).
+    #[arg(long)]
+    append: bool,
 }
 
 const TOKENS: f64 = 4096.0;
 
 pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
-    if args.backend != "cpu" {
-        return Err(format!(
-            "--backend {}: only `cpu` is benchmarked so far (GPU benches come with the CubeCL kernels)",
-            args.backend
-        ));
+    match args.backend.as_str() {
+        "cpu" => {}
+        "cuda" => return run_gpu(&args.gpu, args.report_only),
+        other => return Err(format!("--backend {other}: expected `cpu` or `cuda`")),
     }
     let root = workspace_root();
     if !args.report_only {
@@ -153,4 +204,284 @@ fn print_table(dir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU: `--backend cuda`.
+
+const BIN: &str = "moe-gpu-bench";
+const TORCH_SCRIPT: &str = "torch_moe_bench.py";
+/// Dense bf16 peak the table's fractions are of (H200, the number).
+const PEAK_TFLOPS: f64 = 759.0;
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+}
+
+/// Builds `moe-gpu-bench` (release, `--features cuda`: burn-cuda with fusion and autotune).
+fn build_gpu_bench(root: &Path) -> Result<PathBuf, String> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).args(["build", "--release", "-p", "moe-benches", "--features", "cuda", "--bin", BIN]);
+    let status = cmd.status().map_err(|e| format!("could not start cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build of {BIN} failed: {status}"));
+    }
+    Ok(target_dir(root).join("release").join(BIN))
+}
+
+/// Samples the GPU's used memory (MiB) every 250 ms through `nvidia-smi` while alive.
+struct MemorySampler {
+    child: std::process::Child,
+    reader: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl MemorySampler {
+    fn start() -> Option<Self> {
+        let mut child = Command::new("nvidia-smi")
+            .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "250"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdout = child.stdout.take()?;
+        let reader = std::thread::spawn(move || {
+            BufReader::new(stdout).lines().map_while(Result::ok).filter_map(|l| l.trim().parse().ok()).collect()
+        });
+        Some(Self { child, reader })
+    }
+
+    /// Stops sampling; returns (first sample, peak) in MiB.
+    fn stop(mut self) -> Option<(u64, u64)> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let samples = self.reader.join().ok()?;
+        Some((*samples.first()?, *samples.iter().max()?))
+    }
+}
+
+/// Runs `cmd` with a wall-clock limit; returns a line for the log.
+fn run_limited(label: &str, mut cmd: Command, limit: Duration, memory_log: &mut String) -> String {
+    println!("\n== {label}");
+    let sampler = MemorySampler::start();
+    let started = Instant::now();
+    let outcome = match cmd.spawn() {
+        Err(e) => format!("could not start: {e}"),
+        Ok(mut child) => loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break format!("{status}"),
+                Ok(None) if started.elapsed() > limit => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break format!("killed after the {} s limit", limit.as_secs());
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => break format!("wait failed: {e}"),
+            }
+        },
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let memory = sampler.and_then(MemorySampler::stop);
+    let line = match memory {
+        Some((base, peak)) => {
+            format!("{label}: {outcome}, {secs:.1} s, GPU memory used {base} MiB at start, peak {peak} MiB")
+        }
+        None => format!("{label}: {outcome}, {secs:.1} s, GPU memory not sampled (no nvidia-smi)"),
+    };
+    println!("-- {line}");
+    memory_log.push_str(&line);
+    memory_log.push('\n');
+    line
+}
+
+fn run_gpu(args: &GpuArgs, report_only: bool) -> Result<(), String> {
+    // With --prebuilt the checkout may sit elsewhere than where xtask was built (a GPU machine
+    // without cargo): work from the current directory, the repository's root there.
+    let root = match &args.prebuilt {
+        Some(_) => std::env::current_dir().map_err(|e| format!("current directory: {e}"))?,
+        None => workspace_root(),
+    };
+    let out = if args.out.is_absolute() { args.out.clone() } else { root.join(&args.out) };
+    if !report_only {
+        let (bin, script) = match &args.prebuilt {
+            Some(dir) => (dir.join(BIN), dir.join(TORCH_SCRIPT)),
+            None => (build_gpu_bench(&root)?, root.join("..").join("shared/tools").join(TORCH_SCRIPT)),
+        };
+        if let Some(stage) = &args.stage {
+            std::fs::create_dir_all(stage).map_err(|e| format!("{}: {e}", stage.display()))?;
+            std::fs::copy(&bin, stage.join(BIN)).map_err(|e| format!("copy {}: {e}", bin.display()))?;
+            match std::fs::copy(&script, stage.join(TORCH_SCRIPT)) {
+                Ok(_) => {}
+                Err(e) => println!("note: PyTorch's script not staged ({}: {e})", script.display()),
+            }
+            println!("staged {BIN} and {TORCH_SCRIPT} in {}", stage.display());
+            return Ok(());
+        }
+        std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let rows = out.join("ours.jsonl");
+        let mut memory_log = String::new();
+        if args.append {
+            memory_log = std::fs::read_to_string(out.join("memory.txt")).unwrap_or_default();
+        } else {
+            let _ = std::fs::remove_file(&rows);
+            let _ = std::fs::remove_file(out.join("torch.json"));
+        }
+        let limit = Duration::from_secs(args.timeout);
+        for shape in args.shapes.split(',') {
+            for mode in args.modes.split(',') {
+                let what = match (shape, mode) {
+                    ("small", "fwd") => "mm8192,layer,router,dense",
+                    (_, "fwd") => "layer,router,dense",
+                    _ => "layer,dense",
+                };
+                let mut cmd = Command::new(&bin);
+                cmd.current_dir(&root).args([
+                    "--shape",
+                    shape,
+                    "--mode",
+                    mode,
+                    "--tokens",
+                    &args.tokens,
+                    "--what",
+                    what,
+                ]);
+                cmd.args(["--warmup", &args.warmup.to_string(), "--reps", &args.reps.to_string()]);
+                cmd.arg("--out").arg(&rows);
+                run_limited(&format!("ours {shape} {mode}"), cmd, limit, &mut memory_log);
+            }
+        }
+        if !args.skip_torch {
+            if script.exists() {
+                let mut cmd = Command::new("python3");
+                cmd.current_dir(&root).arg(&script).arg(out.join("torch.json")).arg(&args.tokens);
+                run_limited("pytorch", cmd, Duration::from_secs(args.torch_timeout), &mut memory_log);
+            } else {
+                println!("PyTorch's script not found at {}: no baselines", script.display());
+            }
+        }
+        std::fs::write(out.join("memory.txt"), &memory_log).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    let table = gpu_table(&out)?;
+    println!("\n{table}");
+    std::fs::write(out.join("table.md"), &table).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(())
+}
+
+/// Our rows, from `ours.jsonl`.
+fn our_rows(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("ours.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn our_ms(rows: &[serde_json::Value], shape: &str, tokens: u64, mode: &str, what: &str) -> Option<f64> {
+    rows.iter()
+        .find(|r| r["shape"] == shape && r["tokens"].as_u64() == Some(tokens) && r["mode"] == mode && r["what"] == what)
+        .and_then(|r| r["median_ms"].as_f64())
+}
+
+/// The markdown table: ours against PyTorch's per row, with TFLOP/s on active FLOPs.
+fn gpu_table(out: &Path) -> Result<String, String> {
+    use std::fmt::Write;
+    let rows = our_rows(out);
+    let torch: serde_json::Value = std::fs::read_to_string(out.join("torch.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    if rows.is_empty() && torch.is_null() {
+        return Err(format!("no GPU results under {}: run `cargo xtask bench --backend cuda` first", out.display()));
+    }
+    let shapes: &[(&str, usize, usize, usize, usize, usize)] =
+        &[("dsv3", 7168, 2048, 256, 8, 1), ("small", 1024, 512, 64, 6, 2)];
+    let mut tokens: Vec<u64> =
+        rows.iter().filter(|r| r["what"] != "mm8192").filter_map(|r| r["tokens"].as_u64()).collect();
+    if let Some(obj) = torch.as_object() {
+        tokens.extend(obj.keys().filter_map(|k| k.split('/').next()?.rsplit("_T").next()?.parse::<u64>().ok()));
+    }
+    tokens.sort_unstable();
+    tokens.dedup();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "One MoE layer, bf16, median ms; TFLOP/s on active FLOPs (T (K+S) 3 2 d h forward, 3x for fwd+bwd), % of {PEAK_TFLOPS} TFLOP/s."
+    );
+    let _ = writeln!(
+        s,
+        "ours = MoeLayer::forward, portable MoeBackend path (Padded); dense = a dense SwiGLU of width (K+S) h in burn (same FLOPs); torch-g = sort + torch._grouped_mm, torch-l = per-expert loop.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| shape | T | pass | ours ms | ours TFLOP/s | % peak | dense ms | ours/dense | torch-g ms | torch-g TFLOP/s | torch-l ms | ours/torch-g | ours/torch-l |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let fmt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    for &(shape, d, h, _e, k, sh) in shapes {
+        for &t in &tokens {
+            for (mode, torch_key, mult) in [("fwd", "fwd_ms", 1.0), ("fwdbwd", "fwdbwd_ms", 3.0)] {
+                let flops = (t as usize * (k + sh) * 3 * 2 * d * h) as f64 * mult;
+                let ours = our_ms(&rows, shape, t, mode, "layer");
+                let dense = our_ms(&rows, shape, t, mode, "dense");
+                let tg = torch[format!("{shape}_T{t}/grouped")][torch_key].as_f64();
+                let tl = torch[format!("{shape}_T{t}/loop")][torch_key].as_f64();
+                if ours.is_none() && tg.is_none() && tl.is_none() {
+                    continue;
+                }
+                let tf = |ms: Option<f64>| ms.map(|ms| flops / ms / 1e9);
+                let _ = writeln!(
+                    s,
+                    "| {shape} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    if mode == "fwd" { "fwd" } else { "fwd+bwd" },
+                    fmt(ours, 2),
+                    fmt(tf(ours), 1),
+                    fmt(tf(ours).map(|v| v / PEAK_TFLOPS * 100.0), 1),
+                    fmt(dense, 2),
+                    ratio(ours, dense),
+                    fmt(tg, 2),
+                    fmt(tf(tg), 1),
+                    fmt(tl, 2),
+                    ratio(ours, tg),
+                    ratio(ours, tl),
+                );
+            }
+        }
+    }
+    let router: Vec<String> = rows
+        .iter()
+        .filter(|r| r["what"] == "router")
+        .map(|r| {
+            format!(
+                "{} T {}: {:.2} ms",
+                r["shape"].as_str().unwrap_or("?"),
+                r["tokens"],
+                r["median_ms"].as_f64().unwrap_or(f64::NAN)
+            )
+        })
+        .collect();
+    if !router.is_empty() {
+        let _ = writeln!(s, "\nRouter alone (forward, ours): {}", router.join("; "));
+    }
+    if let Some(mm) = rows.iter().find(|r| r["what"] == "mm8192") {
+        let _ = write!(s, "\nbf16 8192^3 matmul: burn {:.1} TFLOP/s", mm["tflops"].as_f64().unwrap_or(f64::NAN));
+    }
+    if let Some(v) = torch["bf16_matmul_tflops"].as_f64() {
+        let _ = write!(s, "; PyTorch {v:.1} TFLOP/s; copy {:.2} TB/s", torch["copy_tbps"].as_f64().unwrap_or(f64::NAN));
+    }
+    let errors: Vec<String> = torch
+        .as_object()
+        .map(|o| {
+            o.iter().filter(|(_, v)| v.get("error").is_some()).map(|(k, v)| format!("{k}: {}", v["error"])).collect()
+        })
+        .unwrap_or_default();
+    if !errors.is_empty() {
+        let _ = write!(s, "\n\nPyTorch errors: {}", errors.join("; "));
+    }
+    if let Ok(mem) = std::fs::read_to_string(out.join("memory.txt")) {
+        let _ = write!(s, "\n\nRuns:\n{mem}");
+    }
+    Ok(s)
 }
