@@ -44,7 +44,8 @@ where
     B::InnerBackend: MoeBackend,
 {
     let mut arms = Vec::new();
-    for mode in [BalanceMode::None, BalanceMode::AuxLoss, BalanceMode::LossFree] {
+    // Loss-free first: it is the default run, and the one to watch.
+    for mode in [BalanceMode::LossFree, BalanceMode::AuxLoss, BalanceMode::None] {
         let mut config = config.clone();
         config.balance.mode = mode;
         let run_dir = runs_root.join(format!("compare-{}", mode_name(mode)));
@@ -83,11 +84,18 @@ pub fn write_results(
     markdown: &Path,
     plot: &Path,
 ) -> Result<String, ReportError> {
-    let colors = [RGBColor(127, 127, 127), RGBColor(255, 127, 14), RGBColor(31, 119, 180)];
+    let color = |mode| match mode {
+        BalanceMode::None => RGBColor(127, 127, 127),
+        BalanceMode::AuxLoss => RGBColor(255, 127, 14),
+        BalanceMode::LossFree => RGBColor(31, 119, 180),
+    };
     let series: Vec<Series> = arms
         .iter()
-        .zip(colors)
-        .map(|(a, color)| Series { label: mode_name(a.mode), points: smooth(&worst_batch_vio(&a.records), 0.9), color })
+        .map(|a| Series {
+            label: mode_name(a.mode),
+            points: smooth(&worst_batch_vio(&a.records), 0.9),
+            color: color(a.mode),
+        })
         .collect();
     line_plot(plot, "Batch MaxVio, worst MoE layer (EMA 0.9)", "optimizer step", "MaxVio", &series)?;
     let mut text = String::new();

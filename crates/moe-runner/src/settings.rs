@@ -105,6 +105,10 @@ pub struct BalanceConfig {
     pub mode: BalanceMode,
     /// The bias update's step size (loss_free).
     pub gamma: f64,
+    /// Scale the step with the learning-rate schedule's decay (the cosine, not the warmup), so
+    /// it ends at `gamma * optim.min_lr / optim.lr`: a large step catches the early imbalance,
+    /// a small one stops the bias from oscillating around its balance point late in the run.
+    pub gamma_follows_lr: bool,
     /// The sequence-wise balance loss weight (loss_free).
     pub seq_alpha: f64,
     /// The Switch aux loss weight (aux_loss).

@@ -254,8 +254,14 @@ where
         model = optim.step(lr, model, accumulator.grads());
         // The bias moves after the step, from the load of the step's training passes only.
         let load = tracker.take();
+        let scale = if config.balance.gamma_follows_lr {
+            learning_rate(step, t.steps, 0, 1.0, o.min_lr / o.lr.max(f64::MIN_POSITIVE))
+        } else {
+            1.0
+        };
         for (layer, l) in model.moe_layers_mut().zip(&load) {
-            layer.apply_bias_delta(&balancer.bias_delta(l));
+            let delta: Vec<f32> = balancer.bias_delta(l).iter().map(|d| d * scale as f32).collect();
+            layer.apply_bias_delta(&delta);
         }
         step += 1;
         let loss = loss_sum / o.grad_accum as f64;
