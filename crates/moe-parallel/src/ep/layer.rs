@@ -6,7 +6,7 @@ use moe_experts::{ExpertBank, MoeBackend, MoeLayer, SwiGlu};
 use moe_kernels::CapacityLimit;
 use moe_router::TopKRouter;
 
-use super::{EpError, Message, Transport};
+use super::{EpError, Message, RankAccounting, RankTransport, StepAccounting, Transport};
 use crate::Placement;
 
 /// The token rows one rank sends another: each token once, however many of its experts the
@@ -44,7 +44,7 @@ impl<B: Backend> Message for CombineMessage<B> {
 
 /// A [`MoeLayer`] whose routed experts are sharded over the ranks of a [`Placement`]; the
 /// router and the shared experts are replicated (every rank runs them on its own tokens).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ExpertParallelMoe<B: Backend> {
     /// The gate (a copy on every rank).
     pub router: TopKRouter<B>,
@@ -54,6 +54,15 @@ pub struct ExpertParallelMoe<B: Backend> {
     pub shared: Option<SwiGlu<B>>,
     placement: Placement,
     d_model: usize,
+    node_limit: Option<usize>,
+}
+
+/// What a rank keeps between its dispatch and its combine.
+struct Dispatched<B: Backend> {
+    x: Tensor<B, 2>,
+    /// Per destination rank, the tokens sent (each once, in token order).
+    to_dst: Vec<Vec<usize>>,
+    accounting: RankAccounting,
 }
 
 /// Rank `rank`'s slice `[E/R, a, b]` of a stacked `[E, a, b]` weight, as a parameter of its
@@ -70,6 +79,10 @@ fn int_tensor<B: Backend>(values: &[usize], device: &B::Device) -> Tensor<B, 1, 
 
 impl<B: MoeBackend> ExpertParallelMoe<B> {
     /// Shards `layer`'s experts over `placement`'s ranks (copies the weights).
+    ///
+    /// When the router's groups lie within nodes (`placement.check_groups` accepts them),
+    /// keeping `M` groups reaches at most `M` nodes, and every forward checks it
+    /// ([`EpError::NodeLimit`]).
     pub fn from_layer(layer: &MoeLayer<B>, placement: Placement) -> Result<Self, EpError> {
         let experts = layer.experts.num_experts();
         if placement.num_experts() != experts {
@@ -83,12 +96,14 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
                 down: shard_of(&layer.experts.down, r, per_rank),
             })
             .collect();
+        let (groups, kept) = layer.router.groups();
         Ok(Self {
             router: layer.router.clone(),
             shards,
             shared: layer.shared.clone(),
             placement,
             d_model: layer.d_model(),
+            node_limit: placement.check_groups(groups).is_ok().then_some(kept),
         })
     }
 
@@ -97,77 +112,104 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         self.placement
     }
 
-    /// One forward over all ranks: `inputs[r]` `[T_r, d]` is rank `r`'s tokens; the result's
-    /// `[r]` is their `[T_r, d]` outputs, equal (to rounding) to the single-device layer's.
-    /// Dropless. Reads each rank's routed ids to the host once, to size the messages.
+    /// The most nodes a token may reach (`Some(M)` when the router's groups lie within nodes).
+    pub fn node_limit(&self) -> Option<usize> {
+        self.node_limit
+    }
+
+    /// One forward over all ranks: `inputs[r]` `[T_r, d]` is rank `r`'s tokens (`T_r` may be
+    /// 0); the result's `[r]` is their `[T_r, d]` outputs, equal (to rounding) to the
+    /// single-device layer's. Dropless. Reads each rank's routed ids to the host once, to
+    /// size the messages.
     pub fn forward(
         &self,
         inputs: Vec<Tensor<B, 2>>,
         transport: &mut impl Transport,
     ) -> Result<Vec<Tensor<B, 2>>, EpError> {
+        Ok(self.forward_with_accounting(inputs, transport)?.0)
+    }
+
+    /// [`Self::forward`], with what the step moved and computed.
+    pub fn forward_with_accounting(
+        &self,
+        inputs: Vec<Tensor<B, 2>>,
+        transport: &mut impl Transport,
+    ) -> Result<(Vec<Tensor<B, 2>>, StepAccounting), EpError> {
         let ranks = self.placement.num_ranks();
         if inputs.len() != ranks {
             return Err(EpError::RankCount { got: inputs.len(), expected: ranks });
         }
-        for (rank, x) in inputs.iter().enumerate() {
-            let dims = x.dims();
-            if dims[0] == 0 || dims[1] != self.d_model {
-                return Err(EpError::InputShape { rank, dims, d_model: self.d_model });
-            }
-        }
-        // 1. Route on every rank; one message per destination rank.
-        let mut sent_tokens: Vec<Vec<Vec<usize>>> = Vec::with_capacity(ranks);
+        let mut states = Vec::with_capacity(ranks);
         let mut outgoing = Vec::with_capacity(ranks);
-        for x in &inputs {
-            let (tokens, messages) = self.dispatch(x.clone());
-            sent_tokens.push(tokens);
+        for (rank, x) in inputs.into_iter().enumerate() {
+            let (state, messages) = self.dispatch(rank, x)?;
+            states.push(state);
             outgoing.push(messages);
         }
         let incoming = transport.all_to_all(outgoing)?;
-        // 2. Every rank computes what it received with its shard.
         let mut replies = Vec::with_capacity(ranks);
-        for (rank, messages) in incoming.into_iter().enumerate() {
-            replies.push(self.compute(rank, messages)?);
+        for ((rank, messages), state) in incoming.into_iter().enumerate().zip(&mut states) {
+            let (reply, pairs) = self.compute(rank, messages)?;
+            state.accounting.pairs_computed = pairs;
+            replies.push(reply);
         }
         let returned = transport.all_to_all(replies)?;
-        // 3. Each rank adds up its tokens' partial sums and its shared experts.
-        Ok(inputs
-            .into_iter()
-            .zip(returned)
-            .zip(sent_tokens)
-            .map(|((x, replies), tokens)| {
-                let [t, d] = x.dims();
-                let device = x.device();
-                let mut out = Tensor::<B, 2>::zeros([t, d], &device).cast(x.dtype());
-                for (reply, to_dst) in replies.into_iter().zip(tokens) {
-                    if let Some(rows) = reply.rows {
-                        out = out.select_assign(0, int_tensor::<B>(&to_dst, &device), rows, IndexingUpdateOp::Add);
-                    }
-                }
-                match &self.shared {
-                    Some(shared) => out + shared.forward(x),
-                    None => out,
-                }
-            })
-            .collect())
+        let accounting: Vec<RankAccounting> = states.iter().map(|s| s.accounting.clone()).collect();
+        let outputs = states.into_iter().zip(returned).map(|(state, replies)| self.combine(state, replies)).collect();
+        Ok((outputs, StepAccounting::from_ranks(&self.placement, &accounting)?))
     }
 
-    /// Routes one rank's tokens: per destination rank, the tokens sent (each once, in token
-    /// order) and the message.
-    fn dispatch(&self, x: Tensor<B, 2>) -> (Vec<Vec<usize>>, Vec<DispatchMessage<B>>) {
+    /// One rank's part of the forward, for ranks in their own threads or processes: `x`
+    /// `[T, d]` is the tokens of `transport.rank()`, exchanged with the other ranks (which
+    /// call this at the same time) through `transport`. Returns their outputs and this rank's
+    /// accounting (join the ranks' with [`StepAccounting::from_ranks`]).
+    pub fn forward_rank(
+        &self,
+        x: Tensor<B, 2>,
+        transport: &mut impl RankTransport<B>,
+    ) -> Result<(Tensor<B, 2>, RankAccounting), EpError> {
+        let ranks = self.placement.num_ranks();
+        if transport.num_ranks() != ranks {
+            return Err(EpError::RankCount { got: transport.num_ranks(), expected: ranks });
+        }
+        let rank = transport.rank();
+        let (mut state, messages) = self.dispatch(rank, x)?;
+        let incoming = transport.exchange(messages)?;
+        let (replies, pairs) = self.compute(rank, incoming)?;
+        state.accounting.pairs_computed = pairs;
+        let returned = transport.exchange(replies)?;
+        let accounting = state.accounting.clone();
+        Ok((self.combine(state, returned), accounting))
+    }
+
+    /// Routes one rank's tokens: one message per destination rank, each token once.
+    fn dispatch(&self, rank: usize, x: Tensor<B, 2>) -> Result<(Dispatched<B>, Vec<DispatchMessage<B>>), EpError> {
         let ranks = self.placement.num_ranks();
         let per_rank = self.placement.experts_per_rank();
-        let [tokens, _] = x.dims();
+        let dims = x.dims();
+        if rank >= ranks || dims[1] != self.d_model {
+            return Err(EpError::InputShape { rank, dims, d_model: self.d_model });
+        }
+        let tokens = dims[0];
+        let row_bytes = (self.d_model * x.dtype().size()) as u64;
+        let empty = || DispatchMessage { rows: None, pairs: Vec::new(), weights: None };
+        if tokens == 0 {
+            // An empty rank routes nothing but still takes part in both exchanges.
+            let accounting = RankAccounting::from_routing(rank, &[], 1, &self.placement, row_bytes, self.node_limit)?;
+            let state = Dispatched { x, to_dst: vec![Vec::new(); ranks], accounting };
+            return Ok((state, (0..ranks).map(|_| empty()).collect()));
+        }
         let device = x.device();
         let routing = self.router.forward(x.clone());
         let k = routing.expert_ids.dims()[1];
-        let ids: Vec<i64> = routing.expert_ids.into_data().iter::<i64>().collect();
+        let ids: Vec<usize> = routing.expert_ids.into_data().iter::<i64>().map(|e| e as usize).collect();
+        let accounting = RankAccounting::from_routing(rank, &ids, k, &self.placement, row_bytes, self.node_limit)?;
         let flat_weights = routing.weights.reshape([tokens * k]);
         let mut to_dst: Vec<Vec<usize>> = vec![Vec::new(); ranks];
         let mut pairs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); ranks];
         let mut pair_slots: Vec<Vec<usize>> = vec![Vec::new(); ranks];
         for (slot, &expert) in ids.iter().enumerate() {
-            let (token, expert) = (slot / k, expert as usize);
+            let token = slot / k;
             let dst = expert / per_rank;
             // Tokens come in order, so a token already sent to `dst` is its last entry.
             if to_dst[dst].last() != Some(&token) {
@@ -179,7 +221,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         let messages = (0..ranks)
             .map(|dst| {
                 if to_dst[dst].is_empty() {
-                    return DispatchMessage { rows: None, pairs: Vec::new(), weights: None };
+                    return empty();
                 }
                 DispatchMessage {
                     rows: Some(x.clone().select(0, int_tensor::<B>(&to_dst[dst], &device))),
@@ -188,11 +230,16 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
                 }
             })
             .collect();
-        (to_dst, messages)
+        Ok((Dispatched { x, to_dst, accounting }, messages))
     }
 
-    /// Runs `rank`'s shard on the rows it received and returns one reply per source rank.
-    fn compute(&self, rank: usize, messages: Vec<DispatchMessage<B>>) -> Result<Vec<CombineMessage<B>>, EpError> {
+    /// Runs `rank`'s shard on the rows it received; one reply per source rank, and the
+    /// number of `(token, expert)` pairs computed.
+    fn compute(
+        &self,
+        rank: usize,
+        messages: Vec<DispatchMessage<B>>,
+    ) -> Result<(Vec<CombineMessage<B>>, u64), EpError> {
         let sizes: Vec<usize> = messages.iter().map(Message::num_rows).collect();
         let mut rows = Vec::new();
         let mut weights = Vec::new();
@@ -211,7 +258,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             offset += n;
         }
         if rows.is_empty() {
-            return Ok(sizes.iter().map(|_| CombineMessage { rows: None }).collect());
+            return Ok((sizes.iter().map(|_| CombineMessage { rows: None }).collect(), 0));
         }
         let rows = Tensor::cat(rows, 0);
         let [n, d] = rows.dims();
@@ -235,14 +282,35 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             IndexingUpdateOp::Add,
         );
         let mut start = 0;
-        Ok(sizes
+        let replies = sizes
             .iter()
             .map(|&len| {
                 let reply = (len > 0).then(|| summed.clone().narrow(0, start, len));
                 start += len;
                 CombineMessage { rows: reply }
             })
-            .collect())
+            .collect();
+        Ok((replies, pairs as u64))
+    }
+
+    /// Adds a rank's returned partial sums and its shared experts' output.
+    fn combine(&self, state: Dispatched<B>, replies: Vec<CombineMessage<B>>) -> Tensor<B, 2> {
+        let Dispatched { x, to_dst, .. } = state;
+        let [t, d] = x.dims();
+        let device = x.device();
+        let mut out = Tensor::<B, 2>::zeros([t, d], &device).cast(x.dtype());
+        if t == 0 {
+            return out;
+        }
+        for (reply, tokens) in replies.into_iter().zip(to_dst) {
+            if let Some(rows) = reply.rows {
+                out = out.select_assign(0, int_tensor::<B>(&tokens, &device), rows, IndexingUpdateOp::Add);
+            }
+        }
+        match &self.shared {
+            Some(shared) => out + shared.forward(x),
+            None => out,
+        }
     }
 }
 

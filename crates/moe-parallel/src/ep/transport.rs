@@ -1,6 +1,8 @@
 //! How ranks exchange token rows: an all-to-all behind a trait, with an in-process version.
 
-use super::EpError;
+use burn::tensor::backend::Backend;
+
+use super::{EpError, WireMessage};
 
 /// A message of token rows between two ranks.
 pub trait Message {
@@ -15,6 +17,21 @@ pub trait Message {
 pub trait Transport {
     /// Exchanges one message between every ordered pair of ranks (self-messages included).
     fn all_to_all<M: Message>(&mut self, outgoing: Vec<Vec<M>>) -> Result<Vec<Vec<M>>, EpError>;
+}
+
+/// One rank's side of the all-to-all, for ranks in their own threads or processes (NCCL or
+/// MPI would implement this). Every rank calls [`RankTransport::exchange`] the same number of
+/// times in the same order.
+pub trait RankTransport<B: Backend> {
+    /// This rank.
+    fn rank(&self) -> usize;
+
+    /// Ranks taking part.
+    fn num_ranks(&self) -> usize;
+
+    /// Sends `outgoing[dst]` to every rank `dst` (itself included) and returns what each
+    /// rank sent this one, `[src]`.
+    fn exchange<M: WireMessage<B>>(&mut self, outgoing: Vec<M>) -> Result<Vec<M>, EpError>;
 }
 
 /// Logical ranks in one process: the all-to-all is a transpose. Counts the rows each ordered
