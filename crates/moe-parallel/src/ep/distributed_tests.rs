@@ -150,74 +150,131 @@ fn ranks_on_threads_equal_the_single_device_layer() {
     }
 }
 
-/// The shared experts' weight gradients of the single-device layer under `sum(y^2)`.
-fn shared_grads(layer: &MoeLayer<A>, x: Tensor<A, 2>) -> Vec<Tensor<B, 2>> {
-    let [t, d] = x.dims();
-    let y = layer.forward_loop(x.reshape([1, t, d])).unwrap();
-    let grads = y.powi_scalar(2).sum().backward();
-    let shared = layer.shared.as_ref().unwrap();
-    [&shared.gate, &shared.up, &shared.down].iter().map(|p| p.grad(&grads).unwrap()).collect()
+/// What a rank reports, flattened, in this order: its output and its input's, the summed
+/// replicated parameters' (router, shared gate, up, down) and its routed experts' `down`
+/// gradients, all under the loss `sum(y^2)` over all tokens.
+const PARTS: [&str; 7] = [
+    "output",
+    "input grad",
+    "router grad",
+    "shared gate grad",
+    "shared up grad",
+    "shared down grad",
+    "routed down grad",
+];
+
+fn flat<Bk: Backend, const N: usize>(t: Tensor<Bk, N>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
 }
 
-/// Runs one rank of an autodiff forward, `sum(y^2)` backward and the all-reduce of the
-/// replicated gradients; returns the output and the summed shared-expert gradients.
-fn rank_step_with_grad_sync(
+/// The replicated parameters with gradients: the router's weight and the shared experts'.
+fn replicated<Bk: Backend>(
+    router: &moe_router::TopKRouter<Bk>,
+    shared: &moe_experts::SwiGlu<Bk>,
+) -> [Param<Tensor<Bk, 2>>; 4] {
+    [router.weight.clone(), shared.gate.clone(), shared.up.clone(), shared.down.clone()]
+}
+
+/// The single-device layer's [`PARTS`] for each rank of `split` over `ranks` ranks.
+fn reference(layer: &MoeLayer<A>, split: &[usize]) -> Vec<Vec<Vec<f32>>> {
+    let total: usize = split.iter().sum();
+    let x = tokens::<A>(total, &Default::default()).require_grad();
+    let y = layer.forward_loop(x.clone().reshape([1, total, D])).unwrap().reshape([total, D]);
+    let grads = y.clone().powi_scalar(2).sum().backward();
+    let (y, x_grad) = (flat(y.inner()), flat(x.grad(&grads).unwrap()));
+    let summed: Vec<Vec<f32>> = replicated(&layer.router, layer.shared.as_ref().unwrap())
+        .iter()
+        .map(|p| flat(p.grad(&grads).unwrap()))
+        .collect();
+    let down = flat(layer.experts.down.grad(&grads).unwrap());
+    let per_rank = down.len() / split.len();
+    let mut start = 0;
+    split
+        .iter()
+        .enumerate()
+        .map(|(rank, &n)| {
+            let rows = start * D..(start + n) * D;
+            start += n;
+            let mut parts = vec![y[rows.clone()].to_vec(), x_grad[rows].to_vec()];
+            parts.extend(summed.iter().cloned());
+            parts.push(down[rank * per_rank..(rank + 1) * per_rank].to_vec());
+            parts
+        })
+        .collect()
+}
+
+/// One rank's training step: traced forward, `sum(y^2)` backward, the backward through the
+/// exchanges, the all-reduce of the replicated gradients; returns its [`PARTS`].
+fn rank_step(
     ep: &ExpertParallelMoe<A>,
     rank: usize,
     x: Tensor<A, 2>,
     transport: &mut DataServiceTransport<A>,
-) -> Result<(Tensor<B, 2>, Vec<Tensor<B, 2>>), String> {
-    let (y, _) = ep.forward_rank(x, transport).map_err(|e| e.to_string())?;
-    let mut grads = y.clone().powi_scalar(2).sum().backward();
+) -> Result<Vec<Vec<f32>>, String> {
+    let x = x.detach().require_grad();
+    let (y, _, tape) = ep.forward_rank_traced(x.clone(), transport).map_err(|e| e.to_string())?;
+    let loss_grads = y.clone().powi_scalar(2).sum().backward();
+    let mut grads = ep.backward_rank(tape, loss_grads, transport).map_err(|e| e.to_string())?;
+    let x_grad = grads.grad(&x).map_or_else(|| vec![0.0; x.dims()[0] * D], flat);
+    let down = ep.shards[rank].down.val();
+    let down_grad = grads.grad(&down).map_or_else(|| vec![0.0; down.shape().num_elements()], flat);
     let synced = all_reduce_replicated_grads(PeerId::from(rank), ep, &mut grads).map_err(|e| e.to_string())?;
-    let shared = ep.shared.as_ref().unwrap();
-    let summed = [&shared.gate, &shared.up, &shared.down]
-        .iter()
-        .map(|p| synced.get::<B, 2>(p.id).ok_or_else(|| format!("rank {rank}: no summed gradient for {}", p.id)))
-        .collect::<Result<_, _>>()?;
-    Ok((y.inner(), summed))
+    let mut parts = vec![flat(y.inner()), x_grad];
+    for p in replicated(&ep.router, ep.shared.as_ref().unwrap()) {
+        parts.push(flat(
+            synced.get::<B, 2>(p.id).ok_or_else(|| format!("rank {rank}: no summed gradient for {}", p.id))?,
+        ));
+    }
+    parts.push(down_grad);
+    Ok(parts)
 }
 
-fn assert_close(got: &[Tensor<B, 2>], want: &[Tensor<B, 2>], what: &str) {
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let diff = max_abs_diff(g.clone(), w.clone());
-        let scale = max_abs_diff(w.clone(), w.clone().zeros_like());
-        assert!(diff <= 1e-5 * scale.max(1.0), "{what}: shared parameter {i}: max |diff| {diff} (scale {scale})");
+fn assert_parts_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    assert_eq!(got.len(), PARTS.len(), "{what}");
+    for ((g, w), name) in got.iter().zip(want).zip(PARTS) {
+        assert_eq!(g.len(), w.len(), "{what}: {name} length");
+        let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1.0);
+        let diff = g.iter().zip(w).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale, "{what}: {name}: max |diff| {diff} (scale {scale})");
     }
 }
 
 #[test]
-fn data_parallel_gradients_all_reduced_on_threads_equal_the_single_device_ones() {
+fn gradients_on_threads_equal_the_single_device_layer() {
     let device = Default::default();
-    let layer = layer::<A>(&device);
-    for (ranks, split) in [(2, vec![8, 12]), (4, vec![6, 0, 9, 5])] {
+    let single = layer::<A>(&device);
+    for (ranks, nodes, split) in [(2, 2, vec![8, 12]), (4, 2, vec![6, 0, 9, 5])] {
         let total: usize = split.iter().sum();
-        let want = shared_grads(&layer, tokens::<A>(total, &device));
-        let ep = ExpertParallelMoe::from_layer(&layer, Placement::new(E, ranks, 1).unwrap()).unwrap();
+        let want = reference(&single, &split);
+        let placement = Placement::new(E, ranks, nodes).unwrap();
         let inputs = split_rows(&tokens::<A>(total, &device), &split);
         let ports = ports(ranks);
-        let results: Vec<Result<Vec<Tensor<B, 2>>, String>> = thread::scope(|scope| {
+        let results: Vec<Result<Vec<Vec<f32>>, String>> = thread::scope(|scope| {
             let handles: Vec<_> = inputs
                 .iter()
                 .enumerate()
                 .map(|(rank, x)| {
-                    let (ep, x, ports) = (ep.clone(), x.clone(), ports.clone());
+                    let (x, ports) = (x.clone(), ports.clone());
                     scope.spawn(move || {
+                        // Each rank owns its parameters (same values): autodiff leaves shared
+                        // between threads that run backward passes at once lose gradients.
+                        let ep = ExpertParallelMoe::from_layer(&layer::<A>(&Default::default()), placement)
+                            .map_err(|e| e.to_string())?;
                         let config = CollectiveConfig::default().with_num_devices(ranks);
                         register::<B>(PeerId::from(rank), Default::default(), config).map_err(|e| format!("{e:?}"))?;
                         let mut transport = DataServiceTransport::<A>::new(rank, ports, Default::default(), TIMEOUT)
                             .map_err(|e| e.to_string())?;
-                        let summed = rank_step_with_grad_sync(&ep, rank, x, &mut transport);
+                        let parts = rank_step(&ep, rank, x, &mut transport);
                         finish_collective::<B>(PeerId::from(rank)).map_err(|e| format!("{e:?}"))?;
-                        Ok(summed?.1)
+                        parts
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         reset_collective::<B>();
-        for (rank, summed) in results.into_iter().enumerate() {
-            assert_close(&summed.unwrap(), &want, &format!("R {ranks}, rank {rank}"));
+        for (rank, parts) in results.into_iter().enumerate() {
+            assert_parts_close(&parts.unwrap(), &want[rank], &format!("R {ranks}, rank {rank}"));
         }
     }
 }
@@ -230,16 +287,7 @@ const CHILD_OUT: &str = "MOE_EP_CHILD_OUT";
 const TEST_NAME: &str = "ep::distributed_tests::two_processes_on_loopback_equal_one_process";
 const SPLIT: [usize; 2] = [9, 11];
 
-/// `f32`s as little-endian bytes, and back.
-fn write_f32s(path: &Path, tensors: &[Tensor<B, 2>]) {
-    let bytes: Vec<u8> = tensors
-        .iter()
-        .flat_map(|t| t.clone().into_data().iter::<f32>().collect::<Vec<_>>())
-        .flat_map(f32::to_le_bytes)
-        .collect();
-    std::fs::write(path, bytes).unwrap();
-}
-
+/// Little-endian `f32`s.
 fn read_f32s(path: &Path) -> Vec<f32> {
     std::fs::read(path).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
@@ -261,11 +309,10 @@ fn run_child(rank: usize, ports: &[u16], out: &Path) {
         .with_data_service_port(collective_ports[rank]);
     register::<B>(PeerId::from(rank), device, config).unwrap();
     let mut transport = DataServiceTransport::<A>::new(rank, data_ports.to_vec(), device, TIMEOUT).unwrap();
-    let (y, summed) = rank_step_with_grad_sync(&ep, rank, x, &mut transport).unwrap();
+    let parts = rank_step(&ep, rank, x, &mut transport).unwrap();
     finish_collective::<B>(PeerId::from(rank)).unwrap();
-    let mut all = vec![y];
-    all.extend(summed);
-    write_f32s(out, &all);
+    let bytes: Vec<u8> = parts.concat().into_iter().flat_map(f32::to_le_bytes).collect();
+    std::fs::write(out, bytes).unwrap();
 }
 
 fn wait_or_kill(mut child: Child, deadline: Instant) -> bool {
@@ -315,31 +362,13 @@ fn two_processes_on_loopback_equal_one_process() {
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let device = Default::default();
-    let layer = layer::<A>(&device);
-    let total: usize = SPLIT.iter().sum();
-    let x = tokens::<A>(total, &device);
-    let reference: Vec<f32> =
-        layer.forward_loop(x.clone().reshape([1, total, D])).unwrap().into_data().iter::<f32>().collect();
-    let want: Vec<Vec<f32>> =
-        shared_grads(&layer, x).into_iter().map(|g| g.into_data().iter::<f32>().collect()).collect();
-    let mut outputs = Vec::new();
+    let want = reference(&layer::<A>(&Default::default()), &SPLIT);
     for (rank, (child, out)) in children.into_iter().enumerate() {
         assert!(wait_or_kill(child, deadline), "rank {rank}'s process failed or timed out");
-        let values = read_f32s(&out);
-        let rows = SPLIT[rank] * D;
-        outputs.extend_from_slice(&values[..rows]);
-        let mut offset = rows;
-        for (i, w) in want.iter().enumerate() {
-            let got = &values[offset..offset + w.len()];
-            offset += w.len();
-            let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1.0);
-            let diff = got.iter().zip(w).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(diff <= 1e-5 * scale, "rank {rank}: shared parameter {i}: max |diff| {diff}");
-        }
+        let mut values = read_f32s(&out).into_iter();
+        let got: Vec<Vec<f32>> = want[rank].iter().map(|w| values.by_ref().take(w.len()).collect()).collect();
+        assert_eq!(values.next(), None, "rank {rank} wrote more than expected");
+        assert_parts_close(&got, &want[rank], &format!("process {rank}"));
     }
-    let diff = outputs.iter().zip(&reference).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert_eq!(outputs.len(), reference.len());
-    assert!(diff < 1e-5, "two processes: max |diff| {diff}");
     let _ = std::fs::remove_dir_all(&dir);
 }

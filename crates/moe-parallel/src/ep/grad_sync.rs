@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorPrimitive};
 use burn_collective::{PeerId, ReduceOperation, all_reduce};
 use thiserror::Error;
 
-use super::ExpertParallelMoe;
+use super::{ExpertParallelMoe, RankGradients};
 
 /// Why the gradient all-reduce failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -37,7 +37,7 @@ struct Flat<B: Backend> {
 /// rank's tokens gave it none, e.g. an empty rank, so that every peer packs the same list in
 /// the same order).
 struct Gather<'a, B: AutodiffBackend> {
-    grads: &'a mut B::Gradients,
+    grads: &'a mut RankGradients<B>,
     flats: Vec<Flat<B::InnerBackend>>,
 }
 
@@ -48,8 +48,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
             return;
         }
         let dims = value.dims();
-        let grad = param
-            .grad_remove(self.grads)
+        let grad = self
+            .grads
+            .grad_remove(&value)
             .unwrap_or_else(|| Tensor::<B::InnerBackend, D>::zeros(dims, &value.inner().device()));
         let count: usize = dims.iter().product();
         self.flats.push(Flat { id: param.id, dims: dims.to_vec(), values: grad.reshape([count]) });
@@ -77,17 +78,18 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scatter<B::InnerBackend> {
 }
 
 /// Sums the gradients of `layer`'s replicated (data-parallel) parameters, the router's and
-/// the shared experts', over the burn-collective peers, taking them out of `grads`; the
-/// routed experts' gradients stay with their rank. The gradients travel as one flat bucket,
-/// so a step costs one all-reduce (and one global synchronisation: burn-collective 0.21's
-/// global level completes only one all-reduce per registration, see `docs/parallelism.md`).
-/// Every peer must call this at the same point, after
+/// the shared experts', over the burn-collective peers, taking them out of `grads` (from
+/// [`ExpertParallelMoe::backward_rank`], or [`RankGradients::new`] around a plain backward);
+/// the routed experts' gradients stay with their rank. The gradients travel as one flat
+/// bucket, so a step costs one all-reduce (and one global synchronisation: burn-collective
+/// 0.21's global level completes only one all-reduce per registration, see
+/// `docs/parallelism.md`). Every peer must call this at the same point, after
 /// `burn_collective::register::<B::InnerBackend>` (threads of one process, or nodes with the
 /// global orchestrator). Returns the summed gradients by parameter id, for an optimizer.
 pub fn all_reduce_replicated_grads<B: AutodiffBackend>(
     peer: PeerId,
     layer: &ExpertParallelMoe<B>,
-    grads: &mut B::Gradients,
+    grads: &mut RankGradients<B>,
 ) -> Result<GradientsParams, GradSyncError> {
     let mut gather = Gather::<B> { grads, flats: Vec::new() };
     layer.router.visit(&mut gather);

@@ -58,11 +58,11 @@ pub struct ExpertParallelMoe<B: Backend> {
 }
 
 /// What a rank keeps between its dispatch and its combine.
-struct Dispatched<B: Backend> {
+pub(super) struct Dispatched<B: Backend> {
     x: Tensor<B, 2>,
     /// Per destination rank, the tokens sent (each once, in token order).
     to_dst: Vec<Vec<usize>>,
-    accounting: RankAccounting,
+    pub(super) accounting: RankAccounting,
 }
 
 /// Rank `rank`'s slice `[E/R, a, b]` of a stacked `[E, a, b]` weight, as a parameter of its
@@ -183,7 +183,11 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
     }
 
     /// Routes one rank's tokens: one message per destination rank, each token once.
-    fn dispatch(&self, rank: usize, x: Tensor<B, 2>) -> Result<(Dispatched<B>, Vec<DispatchMessage<B>>), EpError> {
+    pub(super) fn dispatch(
+        &self,
+        rank: usize,
+        x: Tensor<B, 2>,
+    ) -> Result<(Dispatched<B>, Vec<DispatchMessage<B>>), EpError> {
         let ranks = self.placement.num_ranks();
         let per_rank = self.placement.experts_per_rank();
         let dims = x.dims();
@@ -235,7 +239,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
 
     /// Runs `rank`'s shard on the rows it received; one reply per source rank, and the
     /// number of `(token, expert)` pairs computed.
-    fn compute(
+    pub(super) fn compute(
         &self,
         rank: usize,
         messages: Vec<DispatchMessage<B>>,
@@ -294,7 +298,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
     }
 
     /// Adds a rank's returned partial sums and its shared experts' output.
-    fn combine(&self, state: Dispatched<B>, replies: Vec<CombineMessage<B>>) -> Tensor<B, 2> {
+    pub(super) fn combine(&self, state: Dispatched<B>, replies: Vec<CombineMessage<B>>) -> Tensor<B, 2> {
         let Dispatched { x, to_dst, .. } = state;
         let [t, d] = x.dims();
         let device = x.device();

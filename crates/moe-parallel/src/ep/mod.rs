@@ -10,6 +10,7 @@
 //! through burn-collective.
 
 mod accounting;
+mod backward;
 mod data_service;
 mod grad_sync;
 mod layer;
@@ -19,6 +20,7 @@ mod wire;
 use thiserror::Error;
 
 pub use accounting::{RankAccounting, StepAccounting};
+pub use backward::{RankGradients, RankTape};
 pub use data_service::{DataServiceTransport, free_loopback_port};
 pub use grad_sync::{GradSyncError, all_reduce_replicated_grads};
 pub use layer::{CombineMessage, DispatchMessage, ExpertParallelMoe};
