@@ -55,6 +55,7 @@ where
         println!("compare-balance: training with balance.mode = {} into {}", mode_name(mode), run_dir.display());
         let options = RunOptions { run_dir: run_dir.clone(), resume: false, progress: true, stop_at: None };
         let summary = train::<B>(&config, device, &options)?;
+        crate::report::write(&run_dir, &config, &summary)?;
         let path = run_dir.join("metrics.jsonl");
         let records = metrics::read(&path).map_err(|source| ReportError::Io { path, source })?;
         arms.push(Arm { mode, summary, records });

@@ -64,7 +64,13 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
         .map_err(|e| err(e.to_string()))?;
-    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_label_formatter(&|v| format!("{}", *v as usize))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
     for s in series {
         let color = s.color;
         chart
@@ -155,6 +161,8 @@ pub fn plot_load_heatmap(path: &Path, metrics: &[StepMetrics], layer: usize) -> 
         .disable_mesh()
         .x_desc("optimizer step")
         .y_desc("expert")
+        .x_label_formatter(&|v| format!("{}", *v as usize))
+        .y_label_formatter(&|v| format!("{}", *v as usize))
         .draw()
         .map_err(|e| err(e.to_string()))?;
     let width = last_step as f64 / columns.len() as f64;
