@@ -65,6 +65,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io { path: path.to_owned(), source }
 }
 
+fn record_err(path: PathBuf) -> impl FnOnce(burn::record::RecorderError) -> CheckpointError {
+    move |e| CheckpointError::Record { path, message: e.to_string() }
+}
+
 fn recorder() -> BinFileRecorder<FullPrecisionSettings> {
     BinFileRecorder::new()
 }
@@ -107,8 +111,6 @@ where
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let record_err =
-        |path: PathBuf| move |e: burn::record::RecorderError| CheckpointError::Record { path, message: e.to_string() };
     let model_path = tmp.join("model");
     recorder().record(model.clone().into_record(), model_path.clone()).map_err(record_err(model_path))?;
     let optim_path = tmp.join("optim");
@@ -147,8 +149,7 @@ pub fn load_model<B: burn::tensor::backend::Backend>(
     device: &B::Device,
 ) -> Result<DeepSeekModel<B>, CheckpointError> {
     let path = checkpoint.join("model");
-    let record =
-        recorder().load(path.clone(), device).map_err(|e| CheckpointError::Record { path, message: e.to_string() })?;
+    let record = recorder().load(path.clone(), device).map_err(record_err(path))?;
     Ok(model.load_record(record))
 }
 
@@ -159,7 +160,6 @@ where
     O: Optimizer<DeepSeekModel<B>, B>,
 {
     let path = checkpoint.join("optim");
-    let record =
-        recorder().load(path.clone(), device).map_err(|e| CheckpointError::Record { path, message: e.to_string() })?;
+    let record = recorder().load(path.clone(), device).map_err(record_err(path))?;
     Ok(optim.load_record(record))
 }

@@ -176,10 +176,8 @@ where
         return Err(TrainError::RunExists(run_dir.clone()));
     }
     let resume_from = if options.resume { existing.last().cloned() } else { None };
-    let config = match &resume_from {
-        Some(ckpt) => checkpoint::read_state(ckpt)?.config,
-        None => config.clone(),
-    };
+    let resumed = resume_from.as_deref().map(checkpoint::read_state).transpose()?;
+    let config = resumed.as_ref().map_or_else(|| config.clone(), |state| state.config.clone());
     let corpus = Corpus::load(config.corpus_path(), config.data.val_fraction, config.data.seq_len)?;
 
     let mut model = build_model::<B>(&config, device)?;
@@ -195,8 +193,7 @@ where
     let mut rng = SplitMix64::new(config.train.seed ^ 0x5EED_0FBA_7C4E_5000);
     let mut step = 0;
     let mut elapsed_before = 0.0;
-    if let Some(ckpt) = &resume_from {
-        let state = checkpoint::read_state(ckpt)?;
+    if let (Some(ckpt), Some(state)) = (&resume_from, resumed) {
         model = checkpoint::load_model(ckpt, model, device)?;
         optim = checkpoint::load_optim::<B, _>(ckpt, optim, device)?;
         rng = state.rng;
@@ -242,12 +239,14 @@ where
                 tracker.record(layer, c);
             }
             dropped += d;
-            let mut total = ce.clone();
-            if let Some(balance) = balance {
-                balance_sum += balance.clone().into_scalar().elem::<f64>();
-                total = total + balance;
-            }
-            loss_sum += ce.into_scalar().elem::<f64>();
+            // One host read per micro-batch for both numbers the log needs.
+            let (total, readout) = match balance {
+                Some(balance) => (ce.clone() + balance.clone(), Tensor::cat(vec![ce, balance], 0)),
+                None => (ce.clone(), ce),
+            };
+            let values: Vec<f64> = readout.into_data().iter::<f64>().collect();
+            loss_sum += values[0];
+            balance_sum += values.get(1).copied().unwrap_or(0.0);
             let total = total.div_scalar(o.grad_accum as f64);
             accumulator.accumulate(&model, GradientsParams::from_grads(total.backward(), &model));
         }
