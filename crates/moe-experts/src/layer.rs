@@ -201,19 +201,30 @@ impl<B: MoeBackend> MoeLayer<B> {
     /// `x` `[batch, seq, d]` -> `[batch, seq, d]` and the auxiliary record. Sequences matter
     /// only to the sequence-wise balance loss.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), MoeError> {
-        let dtype = x.dtype();
-        let (flat, dims) = self.flatten(x)?;
-        let routing = self.router.forward(flat.clone());
+        let dims = x.dims();
+        let (flat, mut aux) = self.route(x)?;
         let (limit, priority) = match self.capacity {
             CapacityConfig::Dropless => (CapacityLimit::Dropless, None),
             CapacityConfig::Factor { factor, policy } => (
                 CapacityLimit::Factor(factor),
-                (policy == DropPolicy::Probability).then(|| routing.weights.clone().detach()),
+                (policy == DropPolicy::Probability).then(|| aux.weights.clone().detach()),
             ),
         };
         let (routed, plan) =
-            self.experts.forward(flat.clone(), routing.expert_ids.clone(), routing.weights.clone(), limit, priority)?;
-        let out = self.shared_plus(flat, routed).reshape(dims);
+            self.experts.forward(flat.clone(), aux.expert_ids.clone(), aux.weights.clone(), limit, priority)?;
+        aux.dropped = plan.dropped();
+        Ok((self.shared_plus(flat, routed).reshape(dims), aux))
+    }
+}
+
+impl<B: Backend> MoeLayer<B> {
+    /// The gate's half of [`MoeLayer::forward`]: `x` `[batch, seq, d]` flattened to
+    /// `[batch * seq, d]`, and the auxiliary record (routing, loads, losses; `dropped` 0).
+    /// For callers that run the experts elsewhere, e.g. sharded over ranks.
+    pub fn route(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 2>, MoeAux<B>), MoeError> {
+        let dtype = x.dtype();
+        let (flat, dims) = self.flatten(x)?;
+        let routing = self.router.forward(flat.clone());
         let weighted = |alpha: f64| (alpha > 0.0).then_some(alpha);
         // Computed in f32 with the router; handed back in the model's dtype so they add to
         // its loss.
@@ -229,8 +240,8 @@ impl<B: MoeBackend> MoeLayer<B> {
             expert_ids: routing.expert_ids,
             weights: routing.weights,
             counts: routing.counts,
-            dropped: plan.dropped(),
+            dropped: 0,
         };
-        Ok((out, aux))
+        Ok((flat, aux))
     }
 }

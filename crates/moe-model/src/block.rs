@@ -33,8 +33,18 @@ pub struct DecoderBlock<B: Backend> {
 impl<B: MoeBackend> DecoderBlock<B> {
     /// `x` `[batch, seq, d]` -> the block's output and, for an MoE block, its aux record.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), MoeError> {
+        self.forward_with(x, &mut run_layer)
+    }
+
+    /// [`DecoderBlock::forward`] with the MoE layer run by `moe` (its result must be what
+    /// `MoeLayer::forward` gives, e.g. the same layer sharded over ranks).
+    pub fn forward_with<E: From<MoeError>>(
+        &self,
+        x: Tensor<B, 3>,
+        moe: &mut impl FnMut(&MoeLayer<B>, Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), E>,
+    ) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), E> {
         let h = x.clone() + self.attention.forward(self.attention_norm.forward(x));
-        self.feed_forward(h)
+        self.feed_forward(h, moe)
     }
 
     /// The block over new tokens `x` after those in `cache` (which gains them).
@@ -43,21 +53,33 @@ impl<B: MoeBackend> DecoderBlock<B> {
             .attention
             .forward_cached(self.attention_norm.forward(x.clone()), cache)
             .ok_or(ModelError::CacheKind)?;
-        Ok(self.feed_forward(x + attended)?.0)
+        Ok(self.feed_forward(x + attended, &mut run_layer)?.0)
     }
 
     /// `h + ffn(norm(h))`.
-    fn feed_forward(&self, h: Tensor<B, 3>) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), MoeError> {
+    fn feed_forward<E: From<MoeError>>(
+        &self,
+        h: Tensor<B, 3>,
+        moe: &mut impl FnMut(&MoeLayer<B>, Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), E>,
+    ) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), E> {
         let normed = self.ffn_norm.forward(h.clone());
         Ok(match &self.ffn {
             FeedForward::Dense(mlp) => {
                 let [b, l, d] = normed.dims();
                 (h + mlp.forward(normed.reshape([b * l, d])).reshape([b, l, d]), None)
             }
-            FeedForward::Moe(moe) => {
-                let (y, aux) = moe.forward(normed)?;
+            FeedForward::Moe(layer) => {
+                let (y, aux) = moe(layer, normed)?;
                 (h + y, Some(aux))
             }
         })
     }
+}
+
+/// The MoE layer run in place: what `forward_with` does by default.
+pub(crate) fn run_layer<B: MoeBackend>(
+    layer: &MoeLayer<B>,
+    x: Tensor<B, 3>,
+) -> Result<(Tensor<B, 3>, MoeAux<B>), MoeError> {
+    layer.forward(x)
 }

@@ -1,7 +1,7 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{Int, Tensor, backend::Backend};
-use moe_experts::{MoeAux, MoeBackend, MoeError, SwiGluConfig};
+use moe_experts::{MoeAux, MoeBackend, MoeError, MoeLayer, SwiGluConfig};
 use thiserror::Error;
 
 use crate::cache::KvCache;
@@ -149,18 +149,29 @@ impl<B: MoeBackend> DeepSeekModel<B> {
 
     /// `tokens` `[batch, seq]` (ids below `vocab_size`) -> logits and MoE records.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<ModelOutput<B>, ModelError> {
+        self.forward_with(tokens, &mut |layer: &MoeLayer<B>, x| Ok::<_, ModelError>(layer.forward(x)?))
+    }
+
+    /// [`DeepSeekModel::forward`] with every MoE layer run by `moe` (given the layer and its
+    /// input `[batch, seq, d]`, it returns what `MoeLayer::forward` would: e.g. the layer's
+    /// experts sharded over ranks).
+    pub fn forward_with<E: From<ModelError> + From<MoeError>>(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        moe: &mut impl FnMut(&MoeLayer<B>, Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), E>,
+    ) -> Result<ModelOutput<B>, E> {
         let seq = tokens.dims()[1];
         if seq > self.max_len {
-            return Err(ModelError::SequenceTooLong { got: seq, max: self.max_len });
+            return Err(ModelError::SequenceTooLong { got: seq, max: self.max_len }.into());
         }
         let mut x = self.embedding.forward(tokens);
-        let mut moe = Vec::new();
+        let mut records = Vec::new();
         for block in &self.blocks {
-            let (y, aux) = block.forward(x)?;
+            let (y, aux) = block.forward_with(x, moe)?;
             x = y;
-            moe.extend(aux);
+            records.extend(aux);
         }
-        Ok(ModelOutput { logits: self.lm_head.forward(self.norm.forward(x)), moe })
+        Ok(ModelOutput { logits: self.lm_head.forward(self.norm.forward(x)), moe: records })
     }
 }
 
@@ -181,7 +192,7 @@ impl<B: Backend> DeepSeekModel<B> {
     }
 
     /// The MoE layers, in block order (for bias updates).
-    pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut moe_experts::MoeLayer<B>> {
+    pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut MoeLayer<B>> {
         self.blocks.iter_mut().filter_map(|b| match &mut b.ffn {
             FeedForward::Moe(layer) => Some(layer),
             FeedForward::Dense(_) => None,

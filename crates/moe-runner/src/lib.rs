@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod compare;
 pub mod corpus;
+pub mod expert_parallel;
 pub mod hf_checkpoint;
 pub mod metrics;
 pub mod plots;
@@ -14,5 +15,6 @@ pub mod rng;
 pub mod sample;
 pub mod schedule;
 pub mod settings;
+pub mod sim_plot;
 pub mod trace;
 pub mod train;

@@ -10,6 +10,7 @@ use moe_parallel::sim::{SimConfig, simulate};
 use moe_runner::compare::{plot_path, run_arms, write_results};
 use moe_runner::sample::{continue_text, load_run};
 use moe_runner::settings::{Layers, RunConfig};
+use moe_runner::sim_plot::plot_simulation;
 use moe_runner::train::{RunOptions, train};
 use moe_runner::{hf_checkpoint, report};
 
@@ -200,6 +201,9 @@ struct SimulateArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The bar charts (nodes, bytes and time per scenario) go here.
+    #[arg(long, default_value = "runs/simulate.png")]
+    png: PathBuf,
 }
 
 impl SimulateArgs {
@@ -300,6 +304,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             if let Some(path) = &args.json {
                 std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
             }
+            if let Some(dir) = args.png.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            plot_simulation(&args.png, &report)?;
+            println!("plot: {}", args.png.display());
             Ok(())
         }
         Command::CompareBalance { config, runs, output, backend } => {

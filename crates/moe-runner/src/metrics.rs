@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::expert_parallel::RankMetrics;
+
 /// One optimizer step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepMetrics {
@@ -27,6 +29,9 @@ pub struct StepMetrics {
     pub load: Vec<Vec<u64>>,
     /// Pairs dropped by a capacity limit this step.
     pub dropped: usize,
+    /// Per-rank load and traffic, with `parallel.expert_ranks` > 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<RankMetrics>,
     /// Validation results, at evaluation steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalMetrics>,
@@ -41,6 +46,9 @@ pub struct EvalMetrics {
     pub val_bpb: f64,
     /// MaxVio over the whole validation pass, the worst MoE layer.
     pub val_max_vio: f64,
+    /// The same over the per-rank load, with `parallel.expert_ranks` > 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_rank_max_vio: Option<f64>,
 }
 
 /// Appends step records to a run's `metrics.jsonl`.

@@ -24,7 +24,7 @@ fn fail(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     move |message| PlotError { path: path.display().to_string(), message }
 }
 
-fn fonts() {
+pub(crate) fn fonts() {
     static ONCE: Once = Once::new();
     // The embedded font is valid; if registering failed, plots would still draw without text.
     ONCE.call_once(|| {

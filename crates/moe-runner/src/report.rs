@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::expert_parallel::RankMetrics;
 use crate::metrics::{self, StepMetrics};
 use crate::plots::{self, PlotError};
 use crate::settings::RunConfig;
@@ -74,6 +75,25 @@ pub fn write(run_dir: &Path, config: &RunConfig, summary: &RunSummary) -> Result
     for layer in 0..layers {
         let batch_vio = tail_mean(records.iter().filter_map(|r| r.max_vio.get(layer).copied()), 50);
         let _ = writeln!(text, "| MoE layer {layer}: batch MaxVio, mean of last 50 steps | {batch_vio:.3} |");
+    }
+    if let Some(vio) = e.val_rank_max_vio {
+        let p = &config.parallel;
+        let _ = writeln!(
+            text,
+            "| expert parallelism | {} ranks on {} nodes (logical ranks in one process) |",
+            p.expert_ranks, p.nodes
+        );
+        let _ = writeln!(text, "| per-rank MaxVio over the validation set (worst layer) | {vio:.3} |");
+        let steps = records.iter().filter_map(|r| r.ranks.as_ref()).collect::<Vec<_>>();
+        let per_step = |f: fn(&RankMetrics) -> u64| steps.iter().map(|r| f(r)).sum::<u64>() / steps.len().max(1) as u64;
+        let _ = writeln!(
+            text,
+            "| all-to-all bytes per step (dispatch + combine, all MoE layers): within / across nodes | {} / {} |",
+            per_step(|r| r.bytes_intra_node),
+            per_step(|r| r.bytes_inter_node)
+        );
+        let max_nodes = steps.iter().map(|r| r.max_nodes_reached).max().unwrap_or(0);
+        let _ = writeln!(text, "| most nodes one token reached | {max_nodes} |");
     }
     let dropped: usize = records.iter().map(|r| r.dropped).sum();
     let _ = writeln!(text, "| dropped token-expert pairs | {dropped} |");

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat};
 use moe_model::DeepSeekConfig;
+use moe_parallel::{Placement, PlacementError};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -27,6 +28,38 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Load balancing.
     pub balance: BalanceConfig,
+    /// Expert parallelism (absent in configs and checkpoints from before it: one rank).
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+}
+
+/// Expert parallelism: the MoE layers' routed experts sharded over `expert_ranks` ranks on
+/// `nodes` nodes (contiguously, as `moe_parallel::Placement`), each rank taking
+/// `batch_size / expert_ranks` whole sequences of every batch.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Ranks holding the routed experts; 1 runs the plain layer.
+    pub expert_ranks: usize,
+    /// Nodes the ranks are spread over (for node-limited routing and the intra/inter-node
+    /// traffic split).
+    pub nodes: usize,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self { expert_ranks: 1, nodes: 1 }
+    }
+}
+
+impl ParallelConfig {
+    /// The placement of the experts, `None` for a single rank.
+    pub fn placement(&self, num_experts: usize) -> Result<Option<Placement>, SettingsError> {
+        if self.expert_ranks == 1 && self.nodes == 1 {
+            return Ok(None);
+        }
+        Ok(Some(Placement::new(num_experts, self.expert_ranks, self.nodes)?))
+    }
 }
 
 /// The corpus and batches.
@@ -151,6 +184,9 @@ pub enum SettingsError {
     /// The model keys describe an impossible model.
     #[error("model: {0}")]
     Model(#[from] moe_model::ModelConfigError),
+    /// `parallel` does not fit the model (experts per rank, ranks per node).
+    #[error("parallel: {0}")]
+    Placement(#[from] PlacementError),
     /// The data file could not be read.
     #[error("data.path {path}: {source}")]
     Data {
@@ -255,6 +291,11 @@ impl RunConfig {
         }
         if t.keep_checkpoints == 0 {
             return value("train.keep_checkpoints", &t.keep_checkpoints, "at least 1");
+        }
+        if self.parallel.placement(self.model.moe.n_routed_experts)?.is_some()
+            && d.batch_size % self.parallel.expert_ranks != 0
+        {
+            return value("data.batch_size", &d.batch_size, "a multiple of parallel.expert_ranks");
         }
         let b = &self.balance;
         for (key, v) in

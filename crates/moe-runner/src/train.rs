@@ -13,12 +13,14 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_balance::metrics::{EvalMaxVio, max_violation};
 use moe_balance::{BiasBalancer, BiasUpdateConfig, LoadTracker};
-use moe_experts::MoeBackend;
+use moe_experts::{MoeBackend, MoeError};
 use moe_model::{DeepSeekModel, ModelError};
+use moe_parallel::ep::{EpError, StepAccounting};
 use thiserror::Error;
 
 use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::corpus::{Batch, Corpus};
+use crate::expert_parallel::{RankMetrics, ShardedModel};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::rng::SplitMix64;
 use crate::schedule::learning_rate;
@@ -66,6 +68,9 @@ pub enum TrainError {
     /// Starting over would overwrite a run.
     #[error("{0} already holds checkpoints: pass --resume to continue it, or --run-dir for a new run")]
     RunExists(PathBuf),
+    /// The expert-parallel forward failed.
+    #[error("expert parallelism: {0}")]
+    ExpertParallel(#[from] EpError),
     /// The loss stopped being finite.
     #[error("the training loss became {loss} at step {step}; lower optim.lr or raise optim.warmup_steps")]
     Diverged {
@@ -74,6 +79,12 @@ pub enum TrainError {
         /// The loss.
         loss: f64,
     },
+}
+
+impl From<MoeError> for TrainError {
+    fn from(e: MoeError) -> Self {
+        Self::Model(ModelError::Moe(e))
+    }
 }
 
 /// What a finished (or stopped) run reports.
@@ -122,21 +133,28 @@ struct BatchLoss<B: Backend> {
     counts: Vec<Tensor<B, 1, Int>>,
     /// Pairs dropped by a capacity limit.
     dropped: usize,
+    /// Per MoE layer, what the ranks did (empty on one rank).
+    ranks: Vec<StepAccounting>,
 }
 
 /// Cross-entropy of `model` on `batch`, the balance losses, and each MoE layer's counts.
 fn batch_loss<B: MoeBackend>(
     model: &DeepSeekModel<B>,
+    sharded: Option<&ShardedModel>,
     batch: &Batch,
     device: &B::Device,
-) -> Result<BatchLoss<B>, ModelError> {
-    let out = model.forward(tokens(&batch.inputs, batch.batch, batch.seq_len, device))?;
+) -> Result<BatchLoss<B>, TrainError> {
+    let inputs = tokens(&batch.inputs, batch.batch, batch.seq_len, device);
+    let (out, ranks) = match sharded {
+        Some(sharded) => sharded.forward(model, inputs)?,
+        None => (model.forward(inputs)?, Vec::new()),
+    };
     let [b, l, v] = out.logits.dims();
     let targets = tokens::<B>(&batch.targets, batch.batch, batch.seq_len, device).reshape([b * l]);
     let ce = CrossEntropyLossConfig::new().init(device).forward(out.logits.reshape([b * l, v]), targets);
     let balance = out.moe.iter().filter_map(|aux| aux.loss()).reduce(|a, b| a + b);
     let dropped = out.moe.iter().map(|aux| aux.dropped).sum();
-    Ok(BatchLoss { ce, balance, counts: out.moe.into_iter().map(|aux| aux.counts).collect(), dropped })
+    Ok(BatchLoss { ce, balance, counts: out.moe.into_iter().map(|aux| aux.counts).collect(), dropped, ranks })
 }
 
 /// Loss and MaxVio over the fixed validation windows, without gradients or bias updates.
@@ -145,22 +163,33 @@ pub fn evaluate<B: MoeBackend>(
     corpus: &Corpus,
     config: &RunConfig,
     device: &B::Device,
-) -> Result<EvalMetrics, ModelError> {
+) -> Result<EvalMetrics, TrainError> {
     let (count, batch, seq) = (config.train.eval_batches, config.data.batch_size, config.data.seq_len);
+    let sharded = config.parallel.placement(config.model.moe.n_routed_experts)?.map(ShardedModel::new);
     let layers = config.model.num_moe_layers();
     let mut vio = vec![EvalMaxVio::default(); layers];
+    let mut rank_vio = vec![EvalMaxVio::default(); layers];
     let mut total = 0.0;
     for i in 0..count {
-        let BatchLoss { ce, counts, .. } = batch_loss(model, &corpus.val_batch(i, count, batch, seq), device)?;
+        let BatchLoss { ce, counts, ranks, .. } =
+            batch_loss(model, sharded.as_ref(), &corpus.val_batch(i, count, batch, seq), device)?;
         total += ce.into_scalar().elem::<f64>();
         for (acc, c) in vio.iter_mut().zip(counts) {
             let load: Vec<u64> = c.into_data().iter::<i64>().map(|x| x as u64).collect();
             acc.add(&load);
         }
+        for (acc, layer) in rank_vio.iter_mut().zip(&ranks) {
+            acc.add(&layer.pairs_per_rank);
+        }
     }
     let val_loss = total / count as f64;
-    let val_max_vio = vio.iter().map(EvalMaxVio::value).fold(0.0, f64::max);
-    Ok(EvalMetrics { val_loss, val_bpb: val_loss / std::f64::consts::LN_2, val_max_vio })
+    let worst = |v: &[EvalMaxVio]| v.iter().map(EvalMaxVio::value).fold(0.0, f64::max);
+    Ok(EvalMetrics {
+        val_loss,
+        val_bpb: val_loss / std::f64::consts::LN_2,
+        val_max_vio: worst(&vio),
+        val_rank_max_vio: sharded.is_some().then(|| worst(&rank_vio)),
+    })
 }
 
 /// Trains `config` on `device`, writing the run's files to `options.run_dir`.
@@ -212,6 +241,7 @@ where
         BiasUpdateConfig::new().with_gamma(gamma).with_frozen(config.balance.mode != BalanceMode::LossFree),
     );
     let mut tracker = LoadTracker::<B>::new(layers, experts);
+    let sharded = config.parallel.placement(experts)?.map(ShardedModel::new);
     let t = &config.train;
     let last = options.stop_at.unwrap_or(t.steps).min(t.steps);
     let step_tokens = (config.data.batch_size * config.data.seq_len * o.grad_accum) as f64;
@@ -232,9 +262,14 @@ where
         let lr = learning_rate(step, t.steps, o.warmup_steps, o.lr, o.min_lr);
         let mut accumulator = GradientsAccumulator::<DeepSeekModel<B>>::new();
         let (mut loss_sum, mut balance_sum, mut dropped) = (0.0, 0.0, 0);
+        let mut rank_metrics = sharded.map(|_| RankMetrics::default());
         for _ in 0..o.grad_accum {
             let batch = corpus.train_batch(&mut rng, config.data.batch_size, config.data.seq_len);
-            let BatchLoss { ce, balance, counts, dropped: d } = batch_loss(&model, &batch, device)?;
+            let BatchLoss { ce, balance, counts, dropped: d, ranks } =
+                batch_loss(&model, sharded.as_ref(), &batch, device)?;
+            if let Some(metrics) = &mut rank_metrics {
+                metrics.add(&ranks);
+            }
             for (layer, c) in counts.into_iter().enumerate() {
                 tracker.record(layer, c);
             }
@@ -279,13 +314,15 @@ where
             max_vio: load.iter().map(|l| max_violation(l)).collect(),
             load,
             dropped,
+            ranks: rank_metrics,
             eval: None,
         };
         let finishing = step == last;
         if finishing || (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) {
             let e = evaluate(&model.valid(), &corpus, &config, device)?;
+            let ranks = e.val_rank_max_vio.map_or_else(String::new, |v| format!("  val rank MaxVio {v:.3}"));
             let line = format!(
-                "step {step:>6}  loss {loss:.3}  val {:.3} nats/byte ({:.3} bits)  val MaxVio {:.3}  {:.0} tok/s",
+                "step {step:>6}  loss {loss:.3}  val {:.3} nats/byte ({:.3} bits)  val MaxVio {:.3}{ranks}  {:.0} tok/s",
                 e.val_loss,
                 e.val_bpb,
                 e.val_max_vio,

@@ -63,6 +63,12 @@ fn bad_keys_and_values_are_named() {
         (&["model.num_attention_heads=3"], "num_attention_heads"),
         (&["name=../elsewhere"], "name"),
         (&["train.steps"], "key=value"),
+        (&["parallel.expert_ranks=3"], "num_experts (16) must be a multiple of num_ranks (3)"),
+        (&["parallel.expert_ranks=4", "parallel.nodes=3"], "num_ranks (4) must be a multiple of num_nodes (3)"),
+        (&["parallel.expert_ranks=0"], "num_ranks must be at least 1"),
+        (&["parallel.expert_ranks=32"], "num_experts (16) must be a multiple of num_ranks (32)"),
+        (&["parallel.expert_ranks=8", "data.batch_size=12"], "data.batch_size"),
+        (&["parallel.ranks=2"], "ranks"),
     ];
     for (set, needle) in cases {
         let err = load(None, set).expect_err(&format!("{set:?} was accepted"));

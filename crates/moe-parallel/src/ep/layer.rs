@@ -1,6 +1,6 @@
 //! [`ExpertParallelMoe`]: route, dispatch, grouped compute, return, combine, over ranks.
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, backend::Backend};
 use moe_experts::{ExpertBank, MoeBackend, MoeLayer, SwiGlu};
 use moe_kernels::CapacityLimit;
@@ -57,6 +57,17 @@ pub struct ExpertParallelMoe<B: Backend> {
     node_limit: Option<usize>,
 }
 
+/// One rank's tokens with their routing, for [`ExpertParallelMoe::forward_routed`].
+#[derive(Debug, Clone)]
+pub struct RoutedTokens<B: Backend> {
+    /// `[T, d]` tokens.
+    pub x: Tensor<B, 2>,
+    /// `[T, K]` chosen experts (global ids).
+    pub expert_ids: Tensor<B, 2, Int>,
+    /// `[T, K]` routing weights.
+    pub weights: Tensor<B, 2>,
+}
+
 /// What a rank keeps between its dispatch and its combine.
 pub(super) struct Dispatched<B: Backend> {
     x: Tensor<B, 2>,
@@ -84,6 +95,24 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
     /// keeping `M` groups reaches at most `M` nodes, and every forward checks it
     /// ([`EpError::NodeLimit`]).
     pub fn from_layer(layer: &MoeLayer<B>, placement: Placement) -> Result<Self, EpError> {
+        Self::sharded(layer, placement, shard_of)
+    }
+
+    /// Shards `layer`'s experts over `placement`'s ranks as views of its weights (no copy
+    /// kept apart): under `Autodiff`, gradients of a forward through the view reach `layer`'s
+    /// own parameters, so a model that owns the layer trains through it. Build one per step,
+    /// after the optimizer has updated `layer`.
+    pub fn view_of(layer: &MoeLayer<B>, placement: Placement) -> Result<Self, EpError> {
+        Self::sharded(layer, placement, |weight, rank, per_rank| {
+            Param::initialized(ParamId::new(), weight.val().narrow(0, rank * per_rank, per_rank))
+        })
+    }
+
+    fn sharded(
+        layer: &MoeLayer<B>,
+        placement: Placement,
+        shard: impl Fn(&Param<Tensor<B, 3>>, usize, usize) -> Param<Tensor<B, 3>>,
+    ) -> Result<Self, EpError> {
         let experts = layer.experts.num_experts();
         if placement.num_experts() != experts {
             return Err(EpError::ExpertCount { placement: placement.num_experts(), layer: experts });
@@ -91,9 +120,9 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         let per_rank = placement.experts_per_rank();
         let shards = (0..placement.num_ranks())
             .map(|r| ExpertBank {
-                gate: shard_of(&layer.experts.gate, r, per_rank),
-                up: shard_of(&layer.experts.up, r, per_rank),
-                down: shard_of(&layer.experts.down, r, per_rank),
+                gate: shard(&layer.experts.gate, r, per_rank),
+                up: shard(&layer.experts.up, r, per_rank),
+                down: shard(&layer.experts.down, r, per_rank),
             })
             .collect();
         let (groups, kept) = layer.router.groups();
@@ -146,8 +175,41 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             states.push(state);
             outgoing.push(messages);
         }
+        self.exchange_compute_combine(states, outgoing, transport)
+    }
+
+    /// [`Self::forward_with_accounting`] on tokens the caller has already routed (with this
+    /// layer's router, e.g. by [`MoeLayer::route`], whose losses and loads it then keeps):
+    /// `inputs[r]` is rank `r`'s tokens `[T_r, d]`, their expert ids `[T_r, K]` and routing
+    /// weights `[T_r, K]`.
+    pub fn forward_routed(
+        &self,
+        inputs: Vec<RoutedTokens<B>>,
+        transport: &mut impl Transport,
+    ) -> Result<(Vec<Tensor<B, 2>>, StepAccounting), EpError> {
+        let ranks = self.placement.num_ranks();
+        if inputs.len() != ranks {
+            return Err(EpError::RankCount { got: inputs.len(), expected: ranks });
+        }
+        let mut states = Vec::with_capacity(ranks);
+        let mut outgoing = Vec::with_capacity(ranks);
+        for (rank, tokens) in inputs.into_iter().enumerate() {
+            let (state, messages) = self.dispatch_routed(rank, tokens)?;
+            states.push(state);
+            outgoing.push(messages);
+        }
+        self.exchange_compute_combine(states, outgoing, transport)
+    }
+
+    /// Both all-to-alls around the ranks' expert compute, then the combine.
+    fn exchange_compute_combine(
+        &self,
+        mut states: Vec<Dispatched<B>>,
+        outgoing: Vec<Vec<DispatchMessage<B>>>,
+        transport: &mut impl Transport,
+    ) -> Result<(Vec<Tensor<B, 2>>, StepAccounting), EpError> {
         let incoming = transport.all_to_all(outgoing)?;
-        let mut replies = Vec::with_capacity(ranks);
+        let mut replies = Vec::with_capacity(states.len());
         for ((rank, messages), state) in incoming.into_iter().enumerate().zip(&mut states) {
             let (reply, pairs) = self.compute(rank, messages)?;
             state.accounting.pairs_computed = pairs;
@@ -188,27 +250,54 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         rank: usize,
         x: Tensor<B, 2>,
     ) -> Result<(Dispatched<B>, Vec<DispatchMessage<B>>), EpError> {
+        let dims = x.dims();
+        if rank >= self.placement.num_ranks() || dims[1] != self.d_model {
+            return Err(EpError::InputShape { rank, dims, d_model: self.d_model });
+        }
+        if dims[0] == 0 {
+            return self.empty_dispatch(rank, x);
+        }
+        let routing = self.router.forward(x.clone());
+        self.dispatch_routed(rank, RoutedTokens { x, expert_ids: routing.expert_ids, weights: routing.weights })
+    }
+
+    /// An empty rank routes nothing but still takes part in both exchanges.
+    fn empty_dispatch(
+        &self,
+        rank: usize,
+        x: Tensor<B, 2>,
+    ) -> Result<(Dispatched<B>, Vec<DispatchMessage<B>>), EpError> {
+        let ranks = self.placement.num_ranks();
+        let row_bytes = (self.d_model * x.dtype().size()) as u64;
+        let accounting = RankAccounting::from_routing(rank, &[], 1, &self.placement, row_bytes, self.node_limit)?;
+        let state = Dispatched { x, to_dst: vec![Vec::new(); ranks], accounting };
+        let messages = (0..ranks).map(|_| DispatchMessage { rows: None, pairs: Vec::new(), weights: None }).collect();
+        Ok((state, messages))
+    }
+
+    /// Splits one rank's routed tokens into one message per destination rank, each token once.
+    fn dispatch_routed(
+        &self,
+        rank: usize,
+        routed: RoutedTokens<B>,
+    ) -> Result<(Dispatched<B>, Vec<DispatchMessage<B>>), EpError> {
+        let RoutedTokens { x, expert_ids, weights } = routed;
         let ranks = self.placement.num_ranks();
         let per_rank = self.placement.experts_per_rank();
         let dims = x.dims();
-        if rank >= ranks || dims[1] != self.d_model {
+        let [tokens, k] = expert_ids.dims();
+        if rank >= ranks || dims[1] != self.d_model || tokens != dims[0] || weights.dims() != [tokens, k] {
             return Err(EpError::InputShape { rank, dims, d_model: self.d_model });
         }
-        let tokens = dims[0];
+        if tokens == 0 {
+            return self.empty_dispatch(rank, x);
+        }
         let row_bytes = (self.d_model * x.dtype().size()) as u64;
         let empty = || DispatchMessage { rows: None, pairs: Vec::new(), weights: None };
-        if tokens == 0 {
-            // An empty rank routes nothing but still takes part in both exchanges.
-            let accounting = RankAccounting::from_routing(rank, &[], 1, &self.placement, row_bytes, self.node_limit)?;
-            let state = Dispatched { x, to_dst: vec![Vec::new(); ranks], accounting };
-            return Ok((state, (0..ranks).map(|_| empty()).collect()));
-        }
         let device = x.device();
-        let routing = self.router.forward(x.clone());
-        let k = routing.expert_ids.dims()[1];
-        let ids: Vec<usize> = routing.expert_ids.into_data().iter::<i64>().map(|e| e as usize).collect();
+        let ids: Vec<usize> = expert_ids.into_data().iter::<i64>().map(|e| e as usize).collect();
         let accounting = RankAccounting::from_routing(rank, &ids, k, &self.placement, row_bytes, self.node_limit)?;
-        let flat_weights = routing.weights.reshape([tokens * k]);
+        let flat_weights = weights.reshape([tokens * k]);
         let mut to_dst: Vec<Vec<usize>> = vec![Vec::new(); ranks];
         let mut pairs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); ranks];
         let mut pair_slots: Vec<Vec<usize>> = vec![Vec::new(); ranks];
@@ -413,6 +502,56 @@ mod tests {
             let diff: f32 = (got - want.clone()).abs().max().into_scalar();
             let scale: f32 = want.abs().max().into_scalar();
             assert!(diff <= 1e-5 * scale.max(1.0), "rank {rank}: max |down grad diff| {diff} (scale {scale})");
+        }
+    }
+
+    #[test]
+    fn a_view_trains_the_layer_it_shards() {
+        // Routed by the layer, computed by a view over 2 nodes x 2 ranks, uneven splits:
+        // the output, and the gradients reaching the layer's own parameters, equal the
+        // layer's forward (its sorted dispatch, the router's losses included).
+        type A = burn::backend::Autodiff<NdArray>;
+        let device = Default::default();
+        let router = RouterConfig::new(16, 8, 3).with_num_groups(4).with_topk_groups(2);
+        let layer =
+            MoeLayerConfig::new(router, 12).with_num_shared(1).with_seq_balance_alpha(0.1).init::<A>(&device).unwrap();
+        let x = Tensor::<A, 3>::random([3, 6, 16], Distribution::Normal(0.0, 1.0), &device);
+        let loss = |y: Tensor<A, 3>, aux: &moe_experts::MoeAux<A>| y.powi_scalar(2).sum() + aux.loss().unwrap();
+
+        let (y, aux) = layer.forward(x.clone()).unwrap();
+        let grads = loss(y.clone(), &aux).backward();
+        let params = |g: &<A as burn::tensor::backend::AutodiffBackend>::Gradients| {
+            [layer.experts.up.grad(g).unwrap().reshape([-1]), layer.router.weight.grad(g).unwrap().reshape([-1])]
+        };
+        let want = params(&grads);
+
+        let (flat, aux) = layer.route(x).unwrap();
+        let ep = ExpertParallelMoe::view_of(&layer, Placement::new(8, 4, 2).unwrap()).unwrap();
+        let split = [6, 2, 3, 7];
+        let mut start = 0;
+        let inputs = split
+            .iter()
+            .map(|&n| {
+                let part = |t: Tensor<A, 2>| t.narrow(0, start, n);
+                let routed = RoutedTokens {
+                    x: part(flat.clone()),
+                    expert_ids: aux.expert_ids.clone().narrow(0, start, n),
+                    weights: part(aux.weights.clone()),
+                };
+                start += n;
+                routed
+            })
+            .collect();
+        let (out, accounting) = ep.forward_routed(inputs, &mut LocalTransport::new()).unwrap();
+        assert_eq!(accounting.pairs_per_rank.iter().sum::<u64>(), 18 * 3);
+        let out = Tensor::cat(out, 0).reshape([3, 6, 16]);
+        let diff: f32 = (out.clone() - y).abs().max().into_scalar();
+        assert!(diff < 1e-5, "output max |diff| {diff}");
+        let grads = loss(out, &aux).backward();
+        for (name, (got, want)) in ["experts.up", "router.weight"].iter().zip(params(&grads).into_iter().zip(want)) {
+            let diff: f32 = (got - want.clone()).abs().max().into_scalar();
+            let scale: f32 = want.abs().max().into_scalar();
+            assert!(scale > 0.0 && diff <= 1e-5 * scale, "{name}: max |grad diff| {diff} (scale {scale})");
         }
     }
 

@@ -23,7 +23,7 @@ pub use accounting::{RankAccounting, StepAccounting};
 pub use backward::{RankGradients, RankTape};
 pub use data_service::{DataServiceTransport, free_loopback_port};
 pub use grad_sync::{GradSyncError, all_reduce_replicated_grads};
-pub use layer::{CombineMessage, DispatchMessage, ExpertParallelMoe};
+pub use layer::{CombineMessage, DispatchMessage, ExpertParallelMoe, RoutedTokens};
 pub use transport::{LocalTransport, Message, RankTransport, Transport};
 pub use wire::WireMessage;
 
