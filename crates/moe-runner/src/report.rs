@@ -85,12 +85,14 @@ pub fn write(run_dir: &Path, config: &RunConfig, summary: &RunSummary) -> Result
         );
         let _ = writeln!(text, "| per-rank MaxVio over the validation set (worst layer) | {vio:.3} |");
         let steps = records.iter().filter_map(|r| r.ranks.as_ref()).collect::<Vec<_>>();
-        let per_step = |f: fn(&RankMetrics) -> u64| steps.iter().map(|r| f(r)).sum::<u64>() / steps.len().max(1) as u64;
+        let per_step_mb = |f: fn(&RankMetrics) -> u64| {
+            steps.iter().map(|r| f(r) as f64).sum::<f64>() / steps.len().max(1) as f64 / 1e6
+        };
         let _ = writeln!(
             text,
-            "| all-to-all bytes per step (dispatch + combine, all MoE layers): within / across nodes | {} / {} |",
-            per_step(|r| r.bytes_intra_node),
-            per_step(|r| r.bytes_inter_node)
+            "| all-to-all MB per step (dispatch + combine, all MoE layers): within / across nodes | {:.2} / {:.2} |",
+            per_step_mb(|r| r.bytes_intra_node),
+            per_step_mb(|r| r.bytes_inter_node)
         );
         let max_nodes = steps.iter().map(|r| r.max_nodes_reached).max().unwrap_or(0);
         let _ = writeln!(text, "| most nodes one token reached | {max_nodes} |");
