@@ -115,3 +115,22 @@ fn an_empty_batch_plans_and_combines_to_nothing() {
         assert_eq!(out.dims(), [0, 5]);
     }
 }
+
+/// The portable path on burn-wgpu with fusion and autotune on (as the `wgpu` feature ships
+/// it), on whatever Vulkan device is present: CI runs it on Mesa's software driver (lavapipe).
+/// The cases are the ones kernels get wrong: segments that are not tile multiples, one expert
+/// taking every token, empty experts, and dropped pairs.
+#[cfg(feature = "wgpu")]
+#[test]
+fn layouts_agree_with_the_host_loop_on_wgpu() {
+    type W = Autodiff<burn::backend::Wgpu>;
+    let cases = [
+        ((37, 3, 8, 16, 24), None, 1),
+        ((64, 2, 1, 8, 8), None, 2),
+        ((5, 2, 16, 4, 4), None, 3),
+        ((50, 4, 6, 12, 10), Some(0.8), 4),
+    ];
+    for (shape, factor, seed) in cases {
+        check_layouts::<W>(shape, factor, seed);
+    }
+}
