@@ -293,7 +293,7 @@ impl RunConfig {
             return value("train.keep_checkpoints", &t.keep_checkpoints, "at least 1");
         }
         if self.parallel.placement(self.model.moe.n_routed_experts)?.is_some()
-            && d.batch_size % self.parallel.expert_ranks != 0
+            && !d.batch_size.is_multiple_of(self.parallel.expert_ranks)
         {
             return value("data.batch_size", &d.batch_size, "a multiple of parallel.expert_ranks");
         }
