@@ -164,18 +164,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         inputs: Vec<Tensor<B, 2>>,
         transport: &mut impl Transport,
     ) -> Result<(Vec<Tensor<B, 2>>, StepAccounting), EpError> {
-        let ranks = self.placement.num_ranks();
-        if inputs.len() != ranks {
-            return Err(EpError::RankCount { got: inputs.len(), expected: ranks });
-        }
-        let mut states = Vec::with_capacity(ranks);
-        let mut outgoing = Vec::with_capacity(ranks);
-        for (rank, x) in inputs.into_iter().enumerate() {
-            let (state, messages) = self.dispatch(rank, x)?;
-            states.push(state);
-            outgoing.push(messages);
-        }
-        self.exchange_compute_combine(states, outgoing, transport)
+        self.run_ranks(inputs, Self::dispatch, transport)
     }
 
     /// [`Self::forward_with_accounting`] on tokens the caller has already routed (with this
@@ -187,27 +176,28 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         inputs: Vec<RoutedTokens<B>>,
         transport: &mut impl Transport,
     ) -> Result<(Vec<Tensor<B, 2>>, StepAccounting), EpError> {
+        self.run_ranks(inputs, Self::dispatch_routed, transport)
+    }
+
+    /// Every rank's dispatch of its input, both all-to-alls around the ranks' expert compute,
+    /// then the combine.
+    fn run_ranks<I>(
+        &self,
+        inputs: Vec<I>,
+        dispatch: impl Fn(&Self, usize, I) -> Result<(Dispatched<B>, Vec<DispatchMessage<B>>), EpError>,
+        transport: &mut impl Transport,
+    ) -> Result<(Vec<Tensor<B, 2>>, StepAccounting), EpError> {
         let ranks = self.placement.num_ranks();
         if inputs.len() != ranks {
             return Err(EpError::RankCount { got: inputs.len(), expected: ranks });
         }
         let mut states = Vec::with_capacity(ranks);
         let mut outgoing = Vec::with_capacity(ranks);
-        for (rank, tokens) in inputs.into_iter().enumerate() {
-            let (state, messages) = self.dispatch_routed(rank, tokens)?;
+        for (rank, input) in inputs.into_iter().enumerate() {
+            let (state, messages) = dispatch(self, rank, input)?;
             states.push(state);
             outgoing.push(messages);
         }
-        self.exchange_compute_combine(states, outgoing, transport)
-    }
-
-    /// Both all-to-alls around the ranks' expert compute, then the combine.
-    fn exchange_compute_combine(
-        &self,
-        mut states: Vec<Dispatched<B>>,
-        outgoing: Vec<Vec<DispatchMessage<B>>>,
-        transport: &mut impl Transport,
-    ) -> Result<(Vec<Tensor<B, 2>>, StepAccounting), EpError> {
         let incoming = transport.all_to_all(outgoing)?;
         let mut replies = Vec::with_capacity(states.len());
         for ((rank, messages), state) in incoming.into_iter().enumerate().zip(&mut states) {
