@@ -16,6 +16,7 @@ use moe_parallel::Placement;
 use moe_parallel::ep::{ExpertParallelMoe, LocalTransport, RoutedTokens, StepAccounting};
 use serde::{Deserialize, Serialize};
 
+use crate::settings::SettingsError;
 use crate::train::TrainError;
 
 /// What the ranks did in one optimizer step, summed over its micro-batches.
@@ -60,8 +61,8 @@ impl ShardedModel {
         Self { placement }
     }
 
-    /// The forward of `model` on `tokens` `[batch, seq]` (`batch` a multiple of the ranks),
-    /// with each MoE layer's accounting, in layer order.
+    /// The forward of `model` on `tokens` `[batch, seq]`, with each MoE layer's accounting,
+    /// in layer order. `batch` must be a multiple of the ranks (an error names it otherwise).
     pub fn forward<B: MoeBackend>(
         &self,
         model: &DeepSeekModel<B>,
@@ -83,6 +84,14 @@ impl ShardedModel {
     ) -> Result<(Tensor<B, 3>, MoeAux<B>, StepAccounting), TrainError> {
         let [batch, seq, d] = x.dims();
         let ranks = self.placement.num_ranks();
+        if !batch.is_multiple_of(ranks) {
+            return Err(SettingsError::Value {
+                key: "data.batch_size",
+                value: batch.to_string(),
+                expected: "a multiple of parallel.expert_ranks",
+            }
+            .into());
+        }
         let (flat, aux) = layer.route(x)?;
         let ep = ExpertParallelMoe::view_of(layer, self.placement)?;
         // Whole sequences per rank, as data-parallel ranks would hold them.

@@ -60,6 +60,10 @@ fn sharding_leaves_every_gradient_unchanged() {
     let want = grads(model.forward(tokens()).unwrap());
     let (out, _) = ShardedModel::new(Placement::new(8, 4, 2).unwrap()).forward(&model, tokens()).unwrap();
     let got = grads(out);
+    // A batch the ranks cannot split evenly is refused, not truncated.
+    let odd = Tensor::<A, 2, Int>::from_data(TensorData::new(ids[..6 * 32].to_vec(), [6, 32]), &device);
+    let err = ShardedModel::new(Placement::new(8, 4, 2).unwrap()).forward(&model, odd).err().unwrap();
+    assert!(err.to_string().contains("data.batch_size = 6"), "{err}");
     assert_eq!(got.len(), want.len());
     for ((dims, got), (_, want)) in got.iter().zip(&want) {
         assert_eq!(got.len(), want.len(), "{dims:?}: a gradient is missing");
