@@ -11,7 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use moe_parallel::Placement;
 use moe_runner::expert_parallel::ShardedModel;
-use moe_runner::metrics;
+use moe_runner::{metrics, report};
 use moe_runner::settings::{Layers, RunConfig};
 use moe_runner::train::{RunOptions, RunSummary, build_model, train};
 
@@ -82,6 +82,9 @@ fn run(set: &[&str], tag: &str) -> (RunConfig, RunSummary, Vec<metrics::StepMetr
     let options = RunOptions { run_dir: run_dir.clone(), resume: false, progress: false, stop_at: None };
     let summary = train::<Autodiff<Flex>>(&config, &Default::default(), &options).unwrap();
     let records = metrics::read(&run_dir.join("metrics.jsonl")).unwrap();
+    // The summary shows the ranks exactly when the run had them.
+    let text = report::write(&run_dir, &config, &summary).unwrap();
+    assert_eq!(text.contains("per-rank MaxVio"), config.parallel.expert_ranks > 1, "{text}");
     std::fs::remove_dir_all(&run_dir).unwrap();
     (config, summary, records)
 }
