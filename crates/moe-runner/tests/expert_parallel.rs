@@ -11,9 +11,9 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use moe_parallel::Placement;
 use moe_runner::expert_parallel::ShardedModel;
-use moe_runner::{metrics, report};
 use moe_runner::settings::{Layers, RunConfig};
 use moe_runner::train::{RunOptions, RunSummary, build_model, train};
+use moe_runner::{metrics, report};
 
 type A = Autodiff<Flex>;
 
