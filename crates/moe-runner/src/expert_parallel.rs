@@ -94,12 +94,15 @@ impl ShardedModel {
         }
         let (flat, aux) = layer.route(x)?;
         let ep = ExpertParallelMoe::view_of(layer, self.placement)?;
+        // One host read of every rank's ids (the dispatch sizes its messages from them).
+        let ids: Vec<usize> = aux.expert_ids.clone().into_data().iter::<i64>().map(|e| e as usize).collect();
+        let k = aux.expert_ids.dims()[1];
         // Whole sequences per rank, as data-parallel ranks would hold them.
         let rows = batch / ranks * seq;
         let inputs = (0..ranks)
             .map(|r| RoutedTokens {
                 x: flat.clone().narrow(0, r * rows, rows),
-                expert_ids: aux.expert_ids.clone().narrow(0, r * rows, rows),
+                expert_ids: ids[r * rows * k..(r + 1) * rows * k].to_vec(),
                 weights: aux.weights.clone().narrow(0, r * rows, rows),
             })
             .collect();

@@ -57,13 +57,15 @@ pub struct ExpertParallelMoe<B: Backend> {
     node_limit: Option<usize>,
 }
 
-/// One rank's tokens with their routing, for [`ExpertParallelMoe::forward_routed`].
+/// One rank's tokens with their routing, for [`ExpertParallelMoe::forward_routed`]. The ids
+/// are on the host, where the dispatch needs them to size the messages: a caller that routed
+/// all ranks' tokens at once reads them in one transfer.
 #[derive(Debug, Clone)]
 pub struct RoutedTokens<B: Backend> {
     /// `[T, d]` tokens.
     pub x: Tensor<B, 2>,
-    /// `[T, K]` chosen experts (global ids).
-    pub expert_ids: Tensor<B, 2, Int>,
+    /// `T * K` chosen experts (global ids), token-major.
+    pub expert_ids: Vec<usize>,
     /// `[T, K]` routing weights.
     pub weights: Tensor<B, 2>,
 }
@@ -169,8 +171,8 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
 
     /// [`Self::forward_with_accounting`] on tokens the caller has already routed (with this
     /// layer's router, e.g. by [`MoeLayer::route`], whose losses and loads it then keeps):
-    /// `inputs[r]` is rank `r`'s tokens `[T_r, d]`, their expert ids `[T_r, K]` and routing
-    /// weights `[T_r, K]`.
+    /// `inputs[r]` is rank `r`'s tokens `[T_r, d]`, their expert ids (`T_r * K`, on the host)
+    /// and routing weights `[T_r, K]`.
     pub fn forward_routed(
         &self,
         inputs: Vec<RoutedTokens<B>>,
@@ -248,7 +250,8 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             return self.empty_dispatch(rank, x);
         }
         let routing = self.router.forward(x.clone());
-        self.dispatch_routed(rank, RoutedTokens { x, expert_ids: routing.expert_ids, weights: routing.weights })
+        let expert_ids = routing.expert_ids.into_data().iter::<i64>().map(|e| e as usize).collect();
+        self.dispatch_routed(rank, RoutedTokens { x, expert_ids, weights: routing.weights })
     }
 
     /// An empty rank routes nothing but still takes part in both exchanges.
@@ -271,12 +274,12 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         rank: usize,
         routed: RoutedTokens<B>,
     ) -> Result<(Dispatched<B>, Vec<DispatchMessage<B>>), EpError> {
-        let RoutedTokens { x, expert_ids, weights } = routed;
+        let RoutedTokens { x, expert_ids: ids, weights } = routed;
         let ranks = self.placement.num_ranks();
         let per_rank = self.placement.experts_per_rank();
         let dims = x.dims();
-        let [tokens, k] = expert_ids.dims();
-        if rank >= ranks || dims[1] != self.d_model || tokens != dims[0] || weights.dims() != [tokens, k] {
+        let [tokens, k] = weights.dims();
+        if rank >= ranks || dims[1] != self.d_model || tokens != dims[0] || ids.len() != tokens * k {
             return Err(EpError::InputShape { rank, dims, d_model: self.d_model });
         }
         if tokens == 0 {
@@ -285,7 +288,6 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         let row_bytes = (self.d_model * x.dtype().size()) as u64;
         let empty = || DispatchMessage { rows: None, pairs: Vec::new(), weights: None };
         let device = x.device();
-        let ids: Vec<usize> = expert_ids.into_data().iter::<i64>().map(|e| e as usize).collect();
         let accounting = RankAccounting::from_routing(rank, &ids, k, &self.placement, row_bytes, self.node_limit)?;
         let flat_weights = weights.reshape([tokens * k]);
         let mut to_dst: Vec<Vec<usize>> = vec![Vec::new(); ranks];
@@ -516,6 +518,7 @@ mod tests {
         let want = params(&grads);
 
         let (flat, aux) = layer.route(x).unwrap();
+        let ids: Vec<usize> = aux.expert_ids.clone().into_data().iter::<i64>().map(|e| e as usize).collect();
         let ep = ExpertParallelMoe::view_of(&layer, Placement::new(8, 4, 2).unwrap()).unwrap();
         let split = [6, 2, 3, 7];
         let mut start = 0;
@@ -525,7 +528,7 @@ mod tests {
                 let part = |t: Tensor<A, 2>| t.narrow(0, start, n);
                 let routed = RoutedTokens {
                     x: part(flat.clone()),
-                    expert_ids: aux.expert_ids.clone().narrow(0, start, n),
+                    expert_ids: ids[start * 3..(start + n) * 3].to_vec(),
                     weights: part(aux.weights.clone()),
                 };
                 start += n;
