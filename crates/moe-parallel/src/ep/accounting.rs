@@ -144,21 +144,15 @@ mod tests {
         // Rank 2's one token: [6, 3] -> ranks 3, 1 (nodes 1, 0).
         let mut a2 = RankAccounting::from_routing(2, &[6, 3], 2, &p, 64, Some(2)).unwrap();
         a2.pairs_computed = 2;
-        let a0 = RankAccounting {
-            rank: 0,
+        // Ranks 0 and 3 route no token of their own but compute 2 pairs each.
+        let idle = |rank| RankAccounting {
+            rank,
             rows_to: vec![0; 4],
             pairs_computed: 2,
             nodes_reached: vec![0; 3],
             row_bytes: 64,
         };
-        let a3 = RankAccounting {
-            rank: 3,
-            rows_to: vec![0; 4],
-            pairs_computed: 2,
-            nodes_reached: vec![0; 3],
-            row_bytes: 64,
-        };
-        let step = StepAccounting::from_ranks(&p, &[a0, a1, a2, a3]).unwrap();
+        let step = StepAccounting::from_ranks(&p, &[idle(0), a1, a2, idle(3)]).unwrap();
         // Rank 1 -> 0: one row within node 0; rank 1 -> 2, 3: two rows across; 1 -> 1 is free.
         // Rank 2 -> 3: one row within node 1; rank 2 -> 1: one row across. Times 2 (combine).
         assert_eq!(step.bytes_intra_node, 2 * 2 * 64);
