@@ -160,6 +160,22 @@ fn time<B: Backend, R>(device: &B::Device, warmup: usize, reps: usize, mut f: im
     (first, ms)
 }
 
+/// Times forward + backward through `forward` from `x`: the loss is `mean(y^2)` in f32, and
+/// the input's gradient is read, so every weight's and the input's gradient are computed.
+fn time_fwdbwd<const D: usize>(
+    args: &Args,
+    device: &burn::tensor::Device<Ad>,
+    x: Tensor<Ad, D>,
+    forward: impl Fn(Tensor<Ad, D>) -> Tensor<Ad, D>,
+) -> (f64, Vec<f64>) {
+    let x = x.require_grad();
+    time::<Ad, _>(device, args.warmup, args.reps, || {
+        let grads = forward(x.clone()).cast(FloatDType::F32).powi_scalar(2).mean().backward();
+        let _ = x.grad(&grads).expect("input gradient");
+        grads
+    })
+}
+
 fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     if n % 2 == 1 { sorted[n / 2] } else { 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]) }
@@ -242,29 +258,21 @@ fn main() {
         G::memory_cleanup(&device);
     }
 
+    let mode = if fwd { "fwd" } else { "fwdbwd" };
     for &t in &args.tokens {
         let flops = sh.flops_fwd(t) * if fwd { 1.0 } else { 3.0 };
+        let row = |what, (first_ms, ms)| Row { shape: sh.name, tokens: t, mode, what, flops, first_ms, ms };
         if wants("layer") {
-            if fwd {
+            let timed = if fwd {
                 let layer = sh.layer::<G>(&device);
                 let x = Tensor::<G, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-                let (first, ms) =
-                    time::<G, _>(&device, args.warmup, args.reps, || layer.forward(x.clone()).expect("valid").0);
-                emit(&args, Row { shape: sh.name, tokens: t, mode: "fwd", what: "layer", flops, first_ms: first, ms });
+                time::<G, _>(&device, args.warmup, args.reps, || layer.forward(x.clone()).expect("valid").0)
             } else {
                 let layer = sh.layer::<Ad>(&device);
-                let x = Tensor::<Ad, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device).require_grad();
-                let (first, ms) = time::<Ad, _>(&device, args.warmup, args.reps, || {
-                    let y = layer.forward(x.clone()).expect("valid").0;
-                    let grads = y.cast(FloatDType::F32).powi_scalar(2).mean().backward();
-                    let _ = x.grad(&grads).expect("input gradient");
-                    grads
-                });
-                emit(
-                    &args,
-                    Row { shape: sh.name, tokens: t, mode: "fwdbwd", what: "layer", flops, first_ms: first, ms },
-                );
-            }
+                let x = Tensor::<Ad, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device);
+                time_fwdbwd(&args, &device, x, |x| layer.forward(x).expect("valid").0)
+            };
+            emit(&args, row("layer", timed));
             G::memory_cleanup(&device);
         }
         if wants("router") && fwd {
@@ -280,25 +288,16 @@ fn main() {
         }
         if wants("dense") {
             let width = (sh.k + sh.s) * sh.h;
-            if fwd {
+            let timed = if fwd {
                 let mlp = SwiGluConfig::new(sh.d, width).init::<G>(&device);
                 let x = Tensor::<G, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-                let (first, ms) = time::<G, _>(&device, args.warmup, args.reps, || mlp.forward(x.clone()));
-                emit(&args, Row { shape: sh.name, tokens: t, mode: "fwd", what: "dense", flops, first_ms: first, ms });
+                time::<G, _>(&device, args.warmup, args.reps, || mlp.forward(x.clone()))
             } else {
                 let mlp = SwiGluConfig::new(sh.d, width).init::<Ad>(&device);
-                let x = Tensor::<Ad, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device).require_grad();
-                let (first, ms) = time::<Ad, _>(&device, args.warmup, args.reps, || {
-                    let y = mlp.forward(x.clone());
-                    let grads = y.cast(FloatDType::F32).powi_scalar(2).mean().backward();
-                    let _ = x.grad(&grads).expect("input gradient");
-                    grads
-                });
-                emit(
-                    &args,
-                    Row { shape: sh.name, tokens: t, mode: "fwdbwd", what: "dense", flops, first_ms: first, ms },
-                );
-            }
+                let x = Tensor::<Ad, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
+                time_fwdbwd(&args, &device, x, |x| mlp.forward(x))
+            };
+            emit(&args, row("dense", timed));
             G::memory_cleanup(&device);
         }
     }
