@@ -33,7 +33,7 @@ pub struct DecoderBlock<B: Backend> {
 impl<B: MoeBackend> DecoderBlock<B> {
     /// `x` `[batch, seq, d]` -> the block's output and, for an MoE block, its aux record.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), MoeError> {
-        self.forward_with(x, &mut run_layer)
+        self.forward_with(x, &mut run_layer::<B, MoeError>)
     }
 
     /// [`DecoderBlock::forward`] with the MoE layer run by `moe` (its result must be what
@@ -53,7 +53,7 @@ impl<B: MoeBackend> DecoderBlock<B> {
             .attention
             .forward_cached(self.attention_norm.forward(x.clone()), cache)
             .ok_or(ModelError::CacheKind)?;
-        Ok(self.feed_forward(x + attended, &mut run_layer)?.0)
+        Ok(self.feed_forward(x + attended, &mut run_layer::<B, ModelError>)?.0)
     }
 
     /// `h + ffn(norm(h))`.
@@ -77,9 +77,9 @@ impl<B: MoeBackend> DecoderBlock<B> {
 }
 
 /// The MoE layer run in place: what `forward_with` does by default.
-pub(crate) fn run_layer<B: MoeBackend>(
+pub(crate) fn run_layer<B: MoeBackend, E: From<MoeError>>(
     layer: &MoeLayer<B>,
     x: Tensor<B, 3>,
-) -> Result<(Tensor<B, 3>, MoeAux<B>), MoeError> {
-    layer.forward(x)
+) -> Result<(Tensor<B, 3>, MoeAux<B>), E> {
+    Ok(layer.forward(x)?)
 }

@@ -149,7 +149,7 @@ impl<B: MoeBackend> DeepSeekModel<B> {
 
     /// `tokens` `[batch, seq]` (ids below `vocab_size`) -> logits and MoE records.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<ModelOutput<B>, ModelError> {
-        self.forward_with(tokens, &mut |layer: &MoeLayer<B>, x| Ok::<_, ModelError>(layer.forward(x)?))
+        self.forward_with(tokens, &mut crate::block::run_layer::<B, ModelError>)
     }
 
     /// [`DeepSeekModel::forward`] with every MoE layer run by `moe` (given the layer and its
