@@ -11,6 +11,11 @@
 #   benches/gpu/run-h200.sh bench OUT    # small fwd + fwd+bwd, PyTorch, DeepSeek-V3 fwd
 #   benches/gpu/run-h200.sh train OUT    # training tokens/s (MoE small, then dense)
 #   benches/gpu/run-h200.sh dsv3bwd OUT  # DeepSeek-V3 fwd+bwd
+#   benches/gpu/run-h200.sh kernels OUT  # kernel tests on CUDA and on NVIDIA's Vulkan (wgpu), tile sweep
+# `kernels` also needs the test binaries, built here with
+#   CARGO_TARGET_DIR=... cargo test --release -p moe-kernels --features cuda,wgpu --test cube_kernels --test layouts --no-run
+# and copied into .gpu-bin/ as cube_kernels and layouts, and the Vulkan loader debs in .gl/
+# (the device library's README says how to fetch them).
 # Every piece runs under a time limit, so one hang does not take the rest with it.
 #
 # cubecl autotunes every new matmul shape on its first call (30-155 s a layer shape on the
@@ -38,10 +43,11 @@ bench)
         python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
     } >"$out/env.txt" 2>&1
     cat "$out/env.txt"
+    # WHAT=layer,router skips the dense comparison rows (their first calls autotune burn's matmul).
     "$bin/xtask" bench --backend cuda --prebuilt "$bin" --shapes small --out "$out/bench" \
-        --timeout 110 --torch-timeout 170
-    "$bin/xtask" bench --backend cuda --prebuilt "$bin" --shapes dsv3 --modes fwd --skip-torch --append \
-        --out "$out/bench" --timeout 170
+        --timeout "${SMALL_TIMEOUT:-110}" --torch-timeout 170 ${WHAT:+--what "$WHAT"}
+    "$bin/xtask" bench --backend cuda --prebuilt "$bin" --shapes dsv3 --modes "${DSV3_MODES:-fwd}" --skip-torch \
+        --append --out "$out/bench" --timeout "${DSV3_TIMEOUT:-170}" ${WHAT:+--what "$WHAT"}
     ;;
 train)
     steps=${STEPS:-40}
@@ -65,8 +71,30 @@ dsv3bwd)
     "$bin/xtask" bench --backend cuda --prebuilt "$bin" --shapes dsv3 --modes fwdbwd --skip-torch \
         --out "$out/bench" --timeout "${DSV3_BWD_TIMEOUT:-200}"
     ;;
+kernels)
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$out/env.txt" 2>&1
+    RUST_BACKTRACE=1 timeout 180 "$bin/cube_kernels" --nocapture --test-threads 1 on_cuda >"$out/kernels-cuda.txt" 2>&1
+    echo "cuda kernel tests: exit $?"; grep -E "^test |relative error|tensor-core" "$out/kernels-cuda.txt" | head -80
+    for shape in dsv3 small; do
+        for tile in ${TILES:-64x64 128x64 64x128 128x128}; do
+            MOE_GEMM_TILE=$tile timeout 90 "$bin/moe-gpu-bench" --shape $shape --mode fwd --tokens ${GEMM_TOKENS:-8192} \
+                --what gemm,gemm_wgrad --warmup 2 --reps 5 --out "$out/gemm-$shape-$tile.jsonl" | sed "s/^/$tile /"
+        done
+    done
+    # NVIDIA's Vulkan through wgpu: the loader comes from .gl/; keep the first panic's backtrace.
+    if [ -d .gl ]; then
+        for f in .gl/*.deb; do dpkg -x "$f" /; done
+        ldconfig
+        [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] &&
+            export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+        RUST_BACKTRACE=1 timeout 150 "$bin/cube_kernels" --nocapture --test-threads 1 on_wgpu >"$out/kernels-wgpu.txt" 2>&1
+        echo "wgpu kernel tests: exit $?"; grep -m1 -A40 panicked "$out/kernels-wgpu.txt"; grep -E "^test " "$out/kernels-wgpu.txt"
+        RUST_BACKTRACE=1 timeout 150 "$bin/layouts" --nocapture on_wgpu >"$out/layouts-wgpu.txt" 2>&1
+        echo "wgpu layouts test: exit $?"; grep -m1 -A40 panicked "$out/layouts-wgpu.txt"; grep -E "^test " "$out/layouts-wgpu.txt"
+    fi
+    ;;
 *)
-    echo "usage: $0 bench|train|dsv3bwd OUT" >&2
+    echo "usage: $0 bench|train|dsv3bwd|kernels OUT" >&2
     exit 2
     ;;
 esac

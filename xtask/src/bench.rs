@@ -81,6 +81,9 @@ pub(crate) struct GpuArgs {
     /// several runs).
     #[arg(long)]
     append: bool,
+    /// What `moe-gpu-bench` times (its `--what`), instead of the default rows per shape and mode.
+    #[arg(long)]
+    what: Option<String>,
 }
 
 const TOKENS: f64 = 4096.0;
@@ -328,10 +331,11 @@ fn run_gpu(args: &GpuArgs, report_only: bool) -> Result<(), String> {
         let limit = Duration::from_secs(args.timeout);
         for shape in args.shapes.split(',') {
             for mode in args.modes.split(',') {
-                let what = match (shape, mode) {
-                    ("small", "fwd") => "mm8192,layer,router,dense",
-                    (_, "fwd") => "layer,router,dense",
-                    _ => "layer,dense",
+                let what = match (args.what.as_deref(), shape, mode) {
+                    (Some(what), _, _) => what,
+                    (None, "small", "fwd") => "mm8192,layer,router,dense",
+                    (None, _, "fwd") => "layer,router,dense",
+                    (None, _, _) => "layer,dense",
                 };
                 let mut cmd = Command::new(&bin);
                 cmd.current_dir(&root).args([
@@ -408,7 +412,7 @@ fn gpu_table(out: &Path) -> Result<String, String> {
     );
     let _ = writeln!(
         s,
-        "ours = MoeLayer::forward, portable MoeBackend path (Padded); dense = a dense SwiGLU of width (K+S) h in burn (same FLOPs); torch-g = sort + torch._grouped_mm, torch-l = per-expert loop.\n"
+        "ours = MoeLayer::forward on the CubeCL kernels of moe-kernels (the portable Padded path under MOE_KERNELS=portable); dense = a dense SwiGLU of width (K+S) h in burn (same FLOPs); torch-g = sort + torch._grouped_mm, torch-l = per-expert loop.\n"
     );
     let _ = writeln!(
         s,

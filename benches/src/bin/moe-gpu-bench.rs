@@ -1,5 +1,6 @@
-//! GPU timing of one MoE layer through the library's portable `MoeBackend` path, in bf16 on
-//! `burn::backend::Cuda<bf16, i32>` (fusion + autotune on). Run by `cargo xtask bench --backend
+//! GPU timing of one MoE layer in bf16 on `burn::backend::Cuda<bf16, i32>` (fusion + autotune
+//! on), through the CubeCL kernels of `moe_kernels::cube`, or the portable `MoeBackend` path
+//! with `MOE_KERNELS=portable` (each row's JSON says which: `"path"`). Run by `cargo xtask bench --backend
 //! cuda`, which also runs PyTorch's baselines and prints the ratios.
 //!
 //! Method (a plain timing binary, not criterion: see docs/performance.md, "H200"): for each row,
@@ -17,6 +18,9 @@
 //! - `dense`: a dense SwiGLU of width `(K + S) * h` on the same T tokens: exactly the layer's
 //!   active FLOPs, through the same burn matmuls, so the ceiling burn reaches on this work.
 //! - `router`: the router alone (forward only).
+//! - `gemm`: the grouped GEMM kernel alone (`moe_kernels::cube`), `[T K, d] x [E, d, h]` with
+//!   every expert owning `T K / E` rows (balanced routing), forward only; `gemm_wgrad`: its
+//!   weight-gradient product `[T K, d]^T [T K, h]` per expert. `MOE_GEMM_TILE` picks the tile.
 //! - `mm8192`: a plain bf16 8192^3 matmul through burn (once, forward mode), against PyTorch's
 //!   `bf16_matmul_tflops`.
 
@@ -85,7 +89,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: moe-gpu-bench --shape dsv3|small --mode fwd|fwdbwd [--tokens 4096,8192,16384] \
-         [--what layer,dense,router,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]"
+         [--what layer,dense,router,gemm,gemm_wgrad,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]"
     );
     std::process::exit(2)
 }
@@ -196,7 +200,7 @@ fn emit(args: &Args, row: Row<'_>) {
     let tflops = if row.flops > 0.0 { row.flops / med / 1e9 } else { f64::NAN };
     let json = format!(
         "{{\"shape\":\"{}\",\"tokens\":{},\"mode\":\"{}\",\"what\":\"{}\",\"median_ms\":{:.4},\"min_ms\":{:.4},\
-         \"max_ms\":{:.4},\"first_ms\":{:.2},\"reps\":{},\"warmup\":{},\"flops\":{:.6e},\"tflops\":{}}}",
+         \"max_ms\":{:.4},\"first_ms\":{:.2},\"reps\":{},\"warmup\":{},\"flops\":{:.6e},\"tflops\":{},\"path\":\"{}\"}}",
         row.shape,
         row.tokens,
         row.mode,
@@ -209,6 +213,7 @@ fn emit(args: &Args, row: Row<'_>) {
         args.warmup,
         row.flops,
         if tflops.is_finite() { format!("{tflops:.2}") } else { "null".into() },
+        if moe_kernels::cube::kernels_enabled() { "kernels" } else { "portable" },
     );
     println!(
         "{:<6} T {:>6} {:<7} {:<7} median {:>9.3} ms (min {:.3}, max {:.3}, first {:.0} ms)  {:>7.1} TFLOP/s  {:>5.1}% of 759",
@@ -227,6 +232,32 @@ fn emit(args: &Args, row: Row<'_>) {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open --out");
         writeln!(f, "{json}").expect("write --out");
     }
+}
+
+/// The grouped GEMM kernel alone on the inner cube backend: balanced segments of `T K / E`
+/// rows (the last takes the remainder). Returns (first ms, sorted ms, FLOPs).
+fn time_grouped_gemm(args: &Args, t: usize, weight_grad: bool) -> (f64, Vec<f64>, f64) {
+    type Inner = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, bf16, i32, u8>;
+    let device = Default::default();
+    let sh = args.shape;
+    let rows = t * sh.k;
+    let mut segments = vec![rows / sh.e; sh.e];
+    segments[sh.e - 1] += rows % sh.e;
+    let normal = Distribution::Normal(0.0, 1.0);
+    let x = Tensor::<Inner, 2>::random([rows, sh.d], normal, &device).into_primitive().tensor();
+    let cores = moe_kernels::cube::use_tensor_cores;
+    let (first, ms) = if weight_grad {
+        let g = Tensor::<Inner, 2>::random([rows, sh.h], normal, &device).into_primitive().tensor();
+        time::<Inner, _>(&device, args.warmup, args.reps, || {
+            moe_kernels::cube::launch_weight_grad(x.clone(), g.clone(), &segments, cores)
+        })
+    } else {
+        let w = Tensor::<Inner, 3>::random([sh.e, sh.d, sh.h], normal, &device).into_primitive().tensor();
+        time::<Inner, _>(&device, args.warmup, args.reps, || {
+            moe_kernels::cube::launch_rows(x.clone(), w.clone(), &segments, cores)
+        })
+    };
+    (first, ms, 2.0 * (rows * sh.d * sh.h) as f64)
 }
 
 fn main() {
@@ -274,6 +305,13 @@ fn main() {
             };
             emit(&args, row("layer", timed));
             G::memory_cleanup(&device);
+        }
+        for what in ["gemm", "gemm_wgrad"] {
+            if wants(what) && fwd {
+                let (first, ms, flops) = time_grouped_gemm(&args, t, what == "gemm_wgrad");
+                emit(&args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops, first_ms: first, ms });
+                G::memory_cleanup(&device);
+            }
         }
         if wants("router") && fwd {
             let layer = sh.layer::<G>(&device);

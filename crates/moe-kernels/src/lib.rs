@@ -36,7 +36,10 @@
 //! out.into_data().assert_eq(&Tensor::<B, 2>::full([3, 5], 8.0, &device).into_data(), true);
 //! ```
 
+mod autodiff;
 mod backends;
+#[cfg(feature = "cube")]
+pub mod cube;
 mod error;
 mod plan;
 pub mod portable;
@@ -85,6 +88,28 @@ pub trait MoeBackend: Backend {
         portable::grouped_matmul(rows, weights, plan)
     }
 
+    /// Gradient of [`MoeBackend::moe_grouped_matmul`] with respect to `rows`: each expert's
+    /// segment of `grad` `[rows, b]` times `weights[e]^T` (`weights`: `[E, a, b]`); returns
+    /// rows `[rows, a]` in the same layout. `Autodiff` calls it on the inner backend.
+    fn moe_grouped_matmul_grad_rows(
+        grad: Tensor<Self, 2>,
+        weights: Tensor<Self, 3>,
+        plan: &DispatchPlan<Self>,
+    ) -> Tensor<Self, 2> {
+        portable::grouped_matmul_grad_rows(grad, weights, plan)
+    }
+
+    /// Gradient of [`MoeBackend::moe_grouped_matmul`] with respect to `weights`: `[E, a, b]`,
+    /// `out[e] = rows_e^T grad_e` over expert `e`'s segment of `rows` `[rows, a]` and `grad`
+    /// `[rows, b]`; zeros for an expert without rows. `Autodiff` calls it on the inner backend.
+    fn moe_grouped_matmul_grad_weights(
+        rows: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        plan: &DispatchPlan<Self>,
+    ) -> Tensor<Self, 3> {
+        portable::grouped_matmul_grad_weights(rows, grad, plan)
+    }
+
     /// Each expert's SwiGLU on its segment: `down_e(silu(rows gate_e) * (rows up_e))`, with
     /// `gate`, `up` `[E, d, h]` and `down` `[E, h, d]`. The `Segments` layout runs the whole MLP
     /// one segment at a time, so its `[n, h]` intermediates stay in cache; `Padded` runs three
@@ -103,5 +128,23 @@ pub trait MoeBackend: Backend {
     /// pair contributes zero.
     fn moe_combine(rows: Tensor<Self, 2>, weights: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
         portable::combine(rows, weights, plan)
+    }
+
+    /// Gradient of [`MoeBackend::moe_permute`] w.r.t. its input: `grad_rows` `[rows, d]` summed
+    /// back into the tokens, `[T, d]`.
+    fn moe_permute_grad(grad_rows: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
+        portable::permute_grad(grad_rows, plan)
+    }
+
+    /// Gradients of [`MoeBackend::moe_combine`] from `grad_out` `[T, d]`: w.r.t. `rows`
+    /// (`[rows, d]`, each row's pair weight times its token's gradient) and w.r.t. `weights`
+    /// (`[T, K]`, in the weights' dtype).
+    fn moe_combine_grad(
+        rows: Tensor<Self, 2>,
+        weights: Tensor<Self, 2>,
+        grad_out: Tensor<Self, 2>,
+        plan: &DispatchPlan<Self>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        portable::combine_grad(rows, weights, grad_out, plan)
     }
 }

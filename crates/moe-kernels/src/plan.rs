@@ -1,4 +1,4 @@
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, backend::AutodiffBackend, backend::Backend};
 
 /// How many (token, slot) pairs one expert may take.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -106,5 +106,43 @@ impl<B: Backend> DispatchPlan<B> {
     /// `[N]` dispatch row of each (token, slot) pair, token-major.
     pub fn row_of_pair(&self) -> Tensor<B, 1, Int> {
         self.row_of_pair.clone()
+    }
+}
+
+impl<B: AutodiffBackend> DispatchPlan<B> {
+    /// The same plan on the inner backend, for a backward that runs there. Only int tensors,
+    /// which autodiff does not track, so nothing is detached.
+    pub(crate) fn to_inner(&self) -> DispatchPlan<B::InnerBackend> {
+        DispatchPlan {
+            tokens: self.tokens,
+            top_k: self.top_k,
+            num_experts: self.num_experts,
+            capacity: self.capacity,
+            layout: self.layout,
+            segment_rows: self.segment_rows.clone(),
+            row_of_pair: self.row_of_pair.clone().inner(),
+            source_of_row: self.source_of_row.clone().inner(),
+            counts_device: self.counts_device.clone().inner(),
+            counts: self.counts.clone(),
+            dropped: self.dropped,
+        }
+    }
+
+    /// A plan made on the inner backend, for this autodiff backend (the inverse of
+    /// [`Self::to_inner`]).
+    pub(crate) fn from_inner(plan: DispatchPlan<B::InnerBackend>) -> Self {
+        DispatchPlan {
+            tokens: plan.tokens,
+            top_k: plan.top_k,
+            num_experts: plan.num_experts,
+            capacity: plan.capacity,
+            layout: plan.layout,
+            segment_rows: plan.segment_rows,
+            row_of_pair: Tensor::from_inner(plan.row_of_pair),
+            source_of_row: Tensor::from_inner(plan.source_of_row),
+            counts_device: Tensor::from_inner(plan.counts_device),
+            counts: plan.counts,
+            dropped: plan.dropped,
+        }
     }
 }

@@ -20,6 +20,24 @@ pub fn plan<B: Backend>(
     limit: CapacityLimit,
     layout: DispatchLayout,
 ) -> Result<DispatchPlan<B>, KernelError> {
+    plan_with_ranks(expert_ids, priority, num_experts, limit, layout, None)
+}
+
+/// Ranks pairs inside their expert in token order: `rank(ids [N], E)[i]` = how many pairs
+/// before `i` chose expert `ids[i]`. A backend with a kernel for it passes it to
+/// [`plan_with_ranks`]; the portable plan sorts.
+pub type RankInExpert<B> = fn(Tensor<B, 1, Int>, usize) -> Tensor<B, 1, Int>;
+
+/// [`plan`], with the in-expert ranks of the token-order case (no `priority`) computed by
+/// `rank` when given instead of by a sort.
+pub fn plan_with_ranks<B: Backend>(
+    expert_ids: Tensor<B, 2, Int>,
+    priority: Option<Tensor<B, 2>>,
+    num_experts: usize,
+    limit: CapacityLimit,
+    layout: DispatchLayout,
+    rank: Option<RankInExpert<B>>,
+) -> Result<DispatchPlan<B>, KernelError> {
     if num_experts == 0 {
         return Err(KernelError::NoExperts);
     }
@@ -80,17 +98,22 @@ pub fn plan<B: Backend>(
     let pair_index = Tensor::<B, 1, Int>::arange(0..pairs as i64, &device);
     // Inside an expert, pairs keep token order unless a priority says otherwise. Sort keys
     // are unique (expert * N + order), so the unstable sort is deterministic.
-    let order = match priority {
-        None => pair_index.clone(),
-        // Position of each pair in descending priority.
-        Some(p) => inverse_scatter(p.reshape([pairs]).argsort_descending(0), pair_index.clone(), pairs),
+    let rank = match (priority, rank) {
+        (None, Some(rank)) => rank(clamped.clone(), num_experts),
+        (priority, _) => {
+            let order = match priority {
+                None => pair_index.clone(),
+                // Position of each pair in descending priority.
+                Some(p) => inverse_scatter(p.reshape([pairs]).argsort_descending(0), pair_index.clone(), pairs),
+            };
+            let key = clamped.clone().mul_scalar(pairs as i64).add(order);
+            let sorted = key.argsort(0);
+            let sorted_expert = clamped.clone().select(0, sorted.clone());
+            let segment_start = counts_device.clone().cumsum(0).sub(counts_device.clone());
+            let rank_sorted = pair_index.clone().sub(segment_start.select(0, sorted_expert));
+            inverse_scatter(sorted, rank_sorted, pairs)
+        }
     };
-    let key = clamped.clone().mul_scalar(pairs as i64).add(order);
-    let sorted = key.argsort(0);
-    let sorted_expert = clamped.clone().select(0, sorted.clone());
-    let segment_start = counts_device.clone().cumsum(0).sub(counts_device.clone());
-    let rank_sorted = pair_index.clone().sub(segment_start.select(0, sorted_expert));
-    let rank = inverse_scatter(sorted, rank_sorted, pairs);
 
     let segment_rows: Vec<usize> = match layout {
         DispatchLayout::Padded => vec![capacity; num_experts],
@@ -151,6 +174,51 @@ pub fn grouped_matmul<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, pla
     }
 }
 
+/// See [`crate::MoeBackend::moe_grouped_matmul_grad_rows`].
+pub fn grouped_matmul_grad_rows<B: Backend>(
+    grad: Tensor<B, 2>,
+    weights: Tensor<B, 3>,
+    plan: &DispatchPlan<B>,
+) -> Tensor<B, 2> {
+    grouped_matmul(grad, weights.swap_dims(1, 2), plan)
+}
+
+/// See [`crate::MoeBackend::moe_grouped_matmul_grad_weights`].
+pub fn grouped_matmul_grad_weights<B: Backend>(
+    rows: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+    plan: &DispatchPlan<B>,
+) -> Tensor<B, 3> {
+    let [_, a] = rows.dims();
+    let [_, b] = grad.dims();
+    let e = plan.num_experts;
+    match plan.layout {
+        // Padding rows are zero rows of `rows`, so they add nothing to the batched product.
+        DispatchLayout::Padded => {
+            let c = plan.capacity;
+            rows.reshape([e, c, a]).swap_dims(1, 2).matmul(grad.reshape([e, c, b]))
+        }
+        DispatchLayout::Segments => {
+            let mut start = 0;
+            let blocks = plan
+                .segment_rows
+                .iter()
+                .map(|&n| {
+                    let block = if n == 0 {
+                        Tensor::<B, 2>::zeros([a, b], &rows.device()).cast(rows.dtype())
+                    } else {
+                        let x = rows.clone().narrow(0, start, n);
+                        x.transpose().matmul(grad.clone().narrow(0, start, n))
+                    };
+                    start += n;
+                    block
+                })
+                .collect();
+            Tensor::stack(blocks, 0)
+        }
+    }
+}
+
 /// See [`crate::MoeBackend::moe_grouped_swiglu`].
 pub fn grouped_swiglu<B: MoeBackend>(
     rows: Tensor<B, 2>,
@@ -160,11 +228,7 @@ pub fn grouped_swiglu<B: MoeBackend>(
     plan: &DispatchPlan<B>,
 ) -> Tensor<B, 2> {
     match plan.layout {
-        DispatchLayout::Padded => {
-            let g = B::moe_grouped_matmul(rows.clone(), gate, plan);
-            let u = B::moe_grouped_matmul(rows, up, plan);
-            B::moe_grouped_matmul(silu(g) * u, down, plan)
-        }
+        DispatchLayout::Padded => swiglu_by_grouped_matmuls(rows, gate, up, down, plan),
         DispatchLayout::Segments => {
             let d = gate.dims()[1];
             per_segment(rows, plan, d, |e, x| {
@@ -174,6 +238,19 @@ pub fn grouped_swiglu<B: MoeBackend>(
             })
         }
     }
+}
+
+/// The grouped SwiGLU as three [`MoeBackend::moe_grouped_matmul`] calls, whatever the layout.
+pub(crate) fn swiglu_by_grouped_matmuls<B: MoeBackend>(
+    rows: Tensor<B, 2>,
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+    plan: &DispatchPlan<B>,
+) -> Tensor<B, 2> {
+    let g = B::moe_grouped_matmul(rows.clone(), gate, plan);
+    let u = B::moe_grouped_matmul(rows, up, plan);
+    B::moe_grouped_matmul(silu(g) * u, down, plan)
 }
 
 /// Expert `e`'s `[a, b]` matrix of stacked `[E, a, b]` weights.
@@ -207,17 +284,14 @@ fn per_segment<B: Backend>(
 /// See [`crate::MoeBackend::moe_combine`].
 pub fn combine<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
     let [_, d] = rows.dims();
-    let (t, k) = (plan.tokens, plan.top_k);
-    if t * k == 0 {
+    let t = plan.tokens;
+    if t * plan.top_k == 0 {
         return Tensor::<B, 2>::zeros([t, d], &rows.device()).cast(rows.dtype());
     }
     // Scale each row by its pair's weight, then scatter-add the rows straight into their
     // tokens: no [N, d] gather. Row 0 of the output absorbs the padding rows (source 0).
     let rows_total = rows.dims()[0];
-    let row_weight = Tensor::<B, 1>::zeros([rows_total + 1], &rows.device())
-        .cast(rows.dtype())
-        .scatter(0, plan.row_of_pair.clone(), weights.cast(rows.dtype()).reshape([t * k]), IndexingUpdateOp::Add)
-        .narrow(0, 0, rows_total);
+    let row_weight = row_weights(weights, plan, rows_total, rows.dtype());
     let scaled = rows * row_weight.reshape([rows_total, 1]);
     Tensor::<B, 2>::zeros([t + 1, d], &scaled.device())
         .cast(scaled.dtype())
@@ -225,10 +299,66 @@ pub fn combine<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &Dis
         .narrow(0, 1, t)
 }
 
+/// `[rows]`: the weight of the pair each dispatch row holds (0 for padding rows).
+pub(crate) fn row_weights<B: Backend>(
+    weights: Tensor<B, 2>,
+    plan: &DispatchPlan<B>,
+    rows_total: usize,
+    dtype: burn::tensor::DType,
+) -> Tensor<B, 1> {
+    let pairs = plan.tokens * plan.top_k;
+    Tensor::<B, 1>::zeros([rows_total + 1], &weights.device())
+        .cast(dtype)
+        .scatter(0, plan.row_of_pair.clone(), weights.cast(dtype).reshape([pairs]), IndexingUpdateOp::Add)
+        .narrow(0, 0, rows_total)
+}
+
+/// See [`crate::MoeBackend::moe_permute_grad`]: the combine with unit weights (kept pairs and
+/// non-padding rows correspond one to one).
+pub fn permute_grad<B: Backend>(grad_rows: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
+    let ones = Tensor::<B, 2>::ones([plan.tokens, plan.top_k], &grad_rows.device());
+    combine(grad_rows, ones, plan)
+}
+
+/// See [`crate::MoeBackend::moe_combine_grad`].
+pub fn combine_grad<B: Backend>(
+    rows: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    grad_out: Tensor<B, 2>,
+    plan: &DispatchPlan<B>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let rows_total = rows.dims()[0];
+    let row_weight = row_weights(weights.clone(), plan, rows_total, grad_out.dtype());
+    let grad_rows = permute(grad_out.clone(), plan) * row_weight.reshape([rows_total, 1]);
+    (grad_rows, combine_grad_weights(rows, weights, grad_out, plan))
+}
+
+/// The weights' part of [`combine_grad`]: `d weights[t, k] = <rows[row of (t, k)], grad_out[t]>`,
+/// summed in f32.
+pub(crate) fn combine_grad_weights<B: Backend>(
+    rows: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    grad_out: Tensor<B, 2>,
+    plan: &DispatchPlan<B>,
+) -> Tensor<B, 2> {
+    let d = rows.dims()[1];
+    let (t, k) = (plan.tokens, plan.top_k);
+    if t * k == 0 {
+        return weights.zeros_like();
+    }
+    // Dropped pairs point at the zero row after the last.
+    let zero_row = Tensor::<B, 2>::zeros([1, d], &rows.device()).cast(rows.dtype());
+    let picked = Tensor::cat(vec![rows, zero_row], 0).select(0, plan.row_of_pair.clone()).reshape([t, k, d]);
+    let f32 = burn::tensor::DType::F32;
+    let products = picked.cast(f32) * grad_out.cast(f32).reshape([t, 1, d]);
+    products.sum_dim(2).reshape([t, k]).cast(weights.dtype())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::NdArray;
+    use burn::tensor::TensorData;
 
     type B = NdArray;
 
@@ -291,6 +421,35 @@ mod tests {
         assert_eq!(rows_of(&plan)[0], 6);
         assert_eq!(rows_of(&plan)[2], 0);
         assert_eq!(rows_of(&plan)[4], 1);
+    }
+
+    #[test]
+    fn weight_gradient_sums_each_segment_and_leaves_empty_experts_zero() {
+        let device = Default::default();
+        // 5 tokens, top-1 over 3 experts: segments of 2, 0 and 3 rows.
+        let ids = [0i64, 2, 0, 2, 2];
+        let (a, b) = (2, 3);
+        let x: Vec<f32> = (0..ids.len() * a).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let g: Vec<f32> = (0..ids.len() * b).map(|i| 1.0 - i as f32 * 0.25).collect();
+        // out[e][i][j] = sum over e's tokens of x[t][i] * g[t][j].
+        let mut expected = vec![0.0f32; 3 * a * b];
+        for (t, &e) in ids.iter().enumerate() {
+            for i in 0..a {
+                for j in 0..b {
+                    expected[(e as usize * a + i) * b + j] += x[t * a + i] * g[t * b + j];
+                }
+            }
+        }
+        let ids = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([ids.len(), 1]);
+        for layout in [DispatchLayout::Padded, DispatchLayout::Segments] {
+            let plan = plan::<B>(ids.clone(), None, 3, CapacityLimit::Dropless, layout).unwrap();
+            let tokens = |v: &[f32], w: usize| Tensor::<B, 1>::from_floats(v, &device).reshape([v.len() / w, w]);
+            let rows = permute(tokens(&x, a), &plan);
+            let grad = permute(tokens(&g, b), &plan);
+            let got = grouped_matmul_grad_weights(rows, grad, &plan);
+            assert_eq!(got.dims(), [3, a, b]);
+            got.into_data().assert_approx_eq::<f32>(&TensorData::new(expected.clone(), [3, a, b]), Default::default());
+        }
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Both dispatch layouts against a host loop, forward and gradients, on random routings.
 
-use burn::backend::{Autodiff, Flex, NdArray};
+#[cfg(feature = "flex")]
+use burn::backend::Flex;
+use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use moe_kernels::{CapacityLimit, DispatchLayout, portable};
+use moe_kernels::{CapacityLimit, DispatchLayout, MoeBackend, portable};
 use proptest::prelude::*;
 
 /// `out[t] = sum_k w[t,k] * x[t] @ m[ids[t,k]]`, over the kept pairs, as plain loops.
@@ -33,7 +35,7 @@ fn host_reference(
 }
 
 /// Runs both layouts on one random routing and checks them against the host loop.
-fn check_layouts<B: AutodiffBackend>(
+fn check_layouts<B: AutodiffBackend + MoeBackend>(
     (t, k, e, a, b): (usize, usize, usize, usize, usize),
     factor: Option<f64>,
     seed: u64,
@@ -67,11 +69,23 @@ fn check_layouts<B: AutodiffBackend>(
     );
 
     let mut grads_by_layout = Vec::new();
-    for layout in [DispatchLayout::Padded, DispatchLayout::Segments] {
-        let plan = portable::plan(ids.clone(), None, e, limit, layout).unwrap();
-        assert_eq!(plan.dropped(), kept.iter().filter(|&&k| !k).count());
-        let rows = portable::permute(x.clone(), &plan);
-        let out = portable::combine(portable::grouped_matmul(rows, m.clone(), &plan), w.clone(), &plan);
+    // Both portable layouts, then the backend's own route (its kernels and custom backward).
+    for route in [Some(DispatchLayout::Padded), Some(DispatchLayout::Segments), None] {
+        let layout = route.unwrap_or(B::LAYOUT);
+        let out = match route {
+            Some(layout) => {
+                let plan = portable::plan(ids.clone(), None, e, limit, layout).unwrap();
+                assert_eq!(plan.dropped(), kept.iter().filter(|&&k| !k).count());
+                let rows = portable::permute(x.clone(), &plan);
+                portable::combine(portable::grouped_matmul(rows, m.clone(), &plan), w.clone(), &plan)
+            }
+            None => {
+                let plan = B::moe_plan(ids.clone(), None, e, limit).unwrap();
+                assert_eq!(plan.dropped(), kept.iter().filter(|&&k| !k).count());
+                let rows = B::moe_permute(x.clone(), &plan);
+                B::moe_combine(B::moe_grouped_matmul(rows, m.clone(), &plan), w.clone(), &plan)
+            }
+        };
         let got = host(out.clone());
         for (g, r) in got.iter().zip(&expected) {
             assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "{layout:?}: {g} vs {r}");
@@ -81,9 +95,11 @@ fn check_layouts<B: AutodiffBackend>(
         let gm: Vec<f32> = m.grad(&grads).unwrap().into_data().iter::<f32>().collect();
         grads_by_layout.push((gx, gm));
     }
-    let (padded, segments) = (&grads_by_layout[0], &grads_by_layout[1]);
-    for (p, s) in padded.0.iter().chain(&padded.1).zip(segments.0.iter().chain(&segments.1)) {
-        assert!((p - s).abs() <= 1e-4 * (1.0 + p.abs()));
+    let padded = &grads_by_layout[0];
+    for other in &grads_by_layout[1..] {
+        for (p, s) in padded.0.iter().chain(&padded.1).zip(other.0.iter().chain(&other.1)) {
+            assert!((p - s).abs() <= 1e-4 * (1.0 + p.abs()), "gradients: {p} vs {s}");
+        }
     }
 }
 
@@ -96,7 +112,9 @@ proptest! {
         factor in prop::option::of(0.3f64..2.0), seed in any::<u64>(),
     ) {
         check_layouts::<Autodiff<NdArray>>((t, k, e, a, b), factor, seed);
-        // Flex is the benches' CPU backend: 32-bit ints, its own sort and scatter.
+        // Flex is the benches' CPU backend: 32-bit ints, its own sort and scatter. It implements
+        // `MoeBackend` under this crate's `flex` feature (on in the workspace's test run).
+        #[cfg(feature = "flex")]
         check_layouts::<Autodiff<Flex>>((t, k, e, a, b), factor, seed);
     }
 }

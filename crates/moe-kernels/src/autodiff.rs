@@ -1,0 +1,195 @@
+//! [`MoeBackend`] for `Autodiff`: the grouped matmul has its own backward, which runs on the
+//! inner backend's `moe_grouped_matmul_grad_*`, so a backend's grouped kernels serve the
+//! backward too.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+use crate::portable::swiglu_by_grouped_matmuls;
+use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend};
+
+impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
+    // The inner backend's layout: the backward below runs each segment on the inner backend,
+    // so `Segments` no longer goes through burn's `narrow` backward, which writes a full-size
+    // zero gradient per segment (O(E * N * d)).
+    const LAYOUT: DispatchLayout = B::LAYOUT;
+
+    // The plan holds int tensors only, which autodiff does not track: the inner backend plans
+    // (with its own kernels, if any) and the plan is wrapped back.
+    fn moe_plan(
+        expert_ids: Tensor<Self, 2, Int>,
+        priority: Option<Tensor<Self, 2>>,
+        num_experts: usize,
+        limit: CapacityLimit,
+    ) -> Result<DispatchPlan<Self>, KernelError> {
+        B::moe_plan(expert_ids.inner(), priority.map(Tensor::inner), num_experts, limit).map(DispatchPlan::from_inner)
+    }
+
+    fn moe_grouped_matmul(
+        rows: Tensor<Self, 2>,
+        weights: Tensor<Self, 3>,
+        plan: &DispatchPlan<Self>,
+    ) -> Tensor<Self, 2> {
+        let rows = rows.into_primitive().tensor();
+        let weights = weights.into_primitive().tensor();
+        let plan = plan.to_inner();
+        let output = B::moe_grouped_matmul(float(rows.primitive.clone()), float(weights.primitive.clone()), &plan)
+            .into_primitive()
+            .tensor();
+        let (rows_tracked, weights_tracked) = (rows.is_tracked(), weights.is_tracked());
+        let output = match GroupedMatmulBackward
+            .prepare::<C>([rows.node.clone(), weights.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                // Each gradient needs the other operand only.
+                let state = GroupedMatmulState {
+                    rows: weights_tracked.then(|| prep.checkpoint(&rows)),
+                    weights: rows_tracked.then(|| prep.checkpoint(&weights)),
+                    plan,
+                };
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(output))
+    }
+
+    // Permute and combine keep their state rather than recomputing under checkpointing (marked
+    // compute-bound): their backward runs on the inner backend as gathers.
+    fn moe_permute(x: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
+        let x = x.into_primitive().tensor();
+        let plan = plan.to_inner();
+        let output = B::moe_permute(float(x.primitive.clone()), &plan).into_primitive().tensor();
+        let output = match PermuteBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(plan, output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(output))
+    }
+
+    fn moe_combine(rows: Tensor<Self, 2>, weights: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
+        let rows = rows.into_primitive().tensor();
+        let weights = weights.into_primitive().tensor();
+        let plan = plan.to_inner();
+        let output = B::moe_combine(float(rows.primitive.clone()), float(weights.primitive.clone()), &plan)
+            .into_primitive()
+            .tensor();
+        let output =
+            match CombineBackward.prepare::<C>([rows.node.clone(), weights.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(mut prep) => {
+                    let state = CombineState { rows: prep.checkpoint(&rows), weights: prep.checkpoint(&weights), plan };
+                    prep.finish(state, output)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(output),
+            };
+        Tensor::from_primitive(TensorPrimitive::Float(output))
+    }
+
+    // Three custom-backward grouped matmuls: the `Segments` default would run the MLP per
+    // segment through `narrow`, whose burn backward is the O(E * N * d) one avoided above.
+    fn moe_grouped_swiglu(
+        rows: Tensor<Self, 2>,
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        down: Tensor<Self, 3>,
+        plan: &DispatchPlan<Self>,
+    ) -> Tensor<Self, 2> {
+        swiglu_by_grouped_matmuls(rows, gate, up, down, plan)
+    }
+}
+
+/// Wraps an inner float primitive as a tensor.
+fn float<B: Backend, const D: usize>(primitive: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+#[derive(Debug)]
+struct GroupedMatmulBackward;
+
+/// What the backward keeps: the checkpointed operands (each only when the other one is
+/// tracked) and the plan on the inner backend.
+#[derive(Debug, Clone)]
+struct GroupedMatmulState<B: MoeBackend> {
+    rows: Option<NodeId>,
+    weights: Option<NodeId>,
+    plan: DispatchPlan<B>,
+}
+
+impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
+    type State = GroupedMatmulState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [rows_parent, weights_parent] = ops.parents;
+        let GroupedMatmulState { rows, weights, plan } = ops.state;
+        // A parent is present exactly when it is tracked, and the forward kept the other
+        // operand for every tracked one.
+        let rows = rows.map(|id| float::<B, 2>(checkpointer.retrieve_node_output(id)));
+        let weights = weights.map(|id| float::<B, 3>(checkpointer.retrieve_node_output(id)));
+        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+
+        if let Some(parent) = weights_parent {
+            let rows = rows.expect("the rows are kept when the weights are tracked");
+            let grad_weights = B::moe_grouped_matmul_grad_weights(rows, grad.clone(), &plan);
+            grads.register::<B>(parent.id, grad_weights.into_primitive().tensor());
+        }
+        if let Some(parent) = rows_parent {
+            let weights = weights.expect("the weights are kept when the rows are tracked");
+            let grad_rows = B::moe_grouped_matmul_grad_rows(grad, weights, &plan);
+            grads.register::<B>(parent.id, grad_rows.into_primitive().tensor());
+        }
+    }
+}
+
+/// The permute's backward: the rows' gradient summed back into their tokens, on the inner
+/// backend (a gather there, not burn's scatter-add backward of `select`).
+#[derive(Debug)]
+struct PermuteBackward;
+
+impl<B: MoeBackend> Backward<B, 1> for PermuteBackward {
+    type State = DispatchPlan<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+        if let Some(parent) = parent {
+            grads.register::<B>(parent.id, B::moe_permute_grad(grad, &ops.state).into_primitive().tensor());
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CombineBackward;
+
+#[derive(Debug, Clone)]
+struct CombineState<B: MoeBackend> {
+    rows: NodeId,
+    weights: NodeId,
+    plan: DispatchPlan<B>,
+}
+
+impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
+    type State = CombineState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [rows_parent, weights_parent] = ops.parents;
+        let CombineState { rows, weights, plan } = ops.state;
+        let rows = float::<B, 2>(checkpointer.retrieve_node_output(rows));
+        let weights = float::<B, 2>(checkpointer.retrieve_node_output(weights));
+        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+        let (grad_rows, grad_weights) = B::moe_combine_grad(rows, weights, grad, &plan);
+        if let Some(parent) = rows_parent {
+            grads.register::<B>(parent.id, grad_rows.into_primitive().tensor());
+        }
+        if let Some(parent) = weights_parent {
+            grads.register::<B>(parent.id, grad_weights.into_primitive().tensor());
+        }
+    }
+}

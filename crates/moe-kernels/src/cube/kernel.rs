@@ -1,0 +1,572 @@
+//! The grouped GEMM kernel: one launch multiplies every expert's segment of the sorted rows.
+//!
+//! A cube computes one `tile_m x tile_n` output tile (multiples of 32, comptime). Operand tiles are
+//! staged in shared memory with zeros outside the valid range, so segment sizes need not be
+//! tile multiples and a tile never reads another expert's rows; the epilogue writes only the
+//! valid part. The tile product runs on tensor cores (`cmma`, 16x16x16 fragments, f32
+//! accumulators; one plane of 32 units per 32x32 block of the tile, 2x2 fragments each) where the
+//! device has them for the element type, or as a register-blocked f32 loop otherwise (f32
+//! models, and Vulkan drivers without cooperative matrices such as lavapipe in CI).
+
+use cubecl::cmma;
+use cubecl::prelude::*;
+
+/// Reduction depth staged per step.
+const TILE_K: usize = 32;
+
+/// Units a cube of `tile_m x tile_n` outputs runs with: one plane of 32 per 32x32 block, and
+/// 32 outputs per unit on the scalar path.
+pub(crate) fn units(tile_m: usize, tile_n: usize) -> u32 {
+    (tile_m * tile_n / 32) as u32
+}
+
+/// `out[r] = lhs[r] rhs[e]` for the rows `r` of expert `e`'s segment. `tiles` holds three
+/// numbers per cube row: the expert, the tile's first row and the end of its segment.
+/// `rhs` is `[E, K, N]` with any strides (a transposed view gives the row gradient).
+pub(crate) const MODE_ROWS: u32 = 0;
+/// `out[e] = lhs_e^T rhs_e` over expert `e`'s segment (the weight gradient): `lhs` `[rows, M]`,
+/// `rhs` `[rows, N]`, `out` `[E, M, N]`; `tiles` holds the `E + 1` segment offsets.
+pub(crate) const MODE_WEIGHTS: u32 = 1;
+
+#[cube(launch)]
+pub(crate) fn grouped_gemm<F: Float>(
+    lhs: &Tensor<F>,
+    rhs: &Tensor<F>,
+    tiles: &Array<u32>,
+    out: &mut Tensor<F>,
+    #[comptime] mode: u32,
+    #[comptime] use_cmma: bool,
+    #[comptime] tile_m: usize,
+    #[comptime] tile_n: usize,
+    #[comptime] direct: Direct,
+    #[define(F)] _dtype: StorageType,
+) {
+    let units = comptime!(tile_m * tile_n / 32);
+    // Where this cube's tile lies, and the reduction range. Row tiles run along x (there
+    // can be many), column blocks along y.
+    let (expert, m0, m_end, k_begin, k_end, n0) = if comptime!(mode == MODE_ROWS) {
+        let t = CUBE_POS_X as usize * 3;
+        (
+            tiles[t] as usize,
+            tiles[t + 1] as usize,
+            tiles[t + 2] as usize,
+            0usize,
+            lhs.shape(1),
+            CUBE_POS_Y as usize * tile_n,
+        )
+    } else {
+        let e = CUBE_POS_Z as usize;
+        (
+            e,
+            CUBE_POS_Y as usize * tile_m,
+            lhs.shape(1),
+            tiles[e] as usize,
+            tiles[e + 1] as usize,
+            CUBE_POS_X as usize * tile_n,
+        )
+    };
+    let n_end = out.shape(out.rank() - 1);
+    let bounds = TileBounds { expert, m0, m_end, n0, n_end };
+
+    let mut stage_a = SharedMemory::<F>::new_aligned(tile_m * TILE_K, 32usize);
+    let mut stage_b = SharedMemory::<F>::new_aligned(TILE_K * tile_n, 32usize);
+
+    if comptime!(use_cmma) {
+        let plane = UNIT_POS as usize / 32;
+        let planes_n = comptime!(tile_n / 32);
+        let pm = (plane / planes_n) * 32;
+        let pn = (plane % planes_n) * 32;
+        let acc00 = zero_accumulator();
+        let acc01 = zero_accumulator();
+        let acc10 = zero_accumulator();
+        let acc11 = zero_accumulator();
+        let mut k0 = k_begin;
+        // With 16-aligned operands, fragments load straight from global memory (no staging,
+        // no barrier) for every whole 16-deep step; the staged loop below takes what is left.
+        // A row tile may run past its segment into the next one's rows: output rows depend
+        // only on their own input rows, and the epilogue writes the segment's rows only. It
+        // must not run past the buffer or the output's columns.
+        let rows_in_buffer = if comptime!(mode == MODE_ROWS) { lhs.shape(0) } else { m_end };
+        let direct_load = comptime!(direct.usable) && m0 + tile_m <= rows_in_buffer && n0 + tile_n <= n_end;
+        let full = direct_load && m0 + tile_m <= m_end;
+        if direct_load {
+            let k_direct_end = k_begin + (k_end - k_begin) / 16 * 16;
+            while k0 < k_direct_end {
+                let (a0, a1, b0, b1) = direct_fragments::<F>(lhs, rhs, expert, m0 + pm, n0 + pn, k0, mode, direct);
+                cmma::execute::<F, F, f32, f32>(&a0, &b0, &acc00, &acc00);
+                cmma::execute::<F, F, f32, f32>(&a0, &b1, &acc01, &acc01);
+                cmma::execute::<F, F, f32, f32>(&a1, &b0, &acc10, &acc10);
+                cmma::execute::<F, F, f32, f32>(&a1, &b1, &acc11, &acc11);
+                k0 += 16;
+            }
+        }
+        while k0 < k_end {
+            stage_operands::<F>(lhs, rhs, &mut stage_a, &mut stage_b, &bounds, k0, k_end, mode, tile_m, tile_n);
+            sync_cube();
+            #[unroll]
+            for ks in 0..TILE_K / 16 {
+                let a0 = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::A,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &stage_a.slice(pm * TILE_K + ks * 16, tile_m * TILE_K),
+                    TILE_K as u32,
+                );
+                let a1 = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::A,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &stage_a.slice((pm + 16) * TILE_K + ks * 16, tile_m * TILE_K),
+                    TILE_K as u32,
+                );
+                let b0 = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &stage_b.slice(ks * 16 * tile_n + pn, TILE_K * tile_n),
+                    tile_n as u32,
+                );
+                let b1 = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &stage_b.slice(ks * 16 * tile_n + pn + 16, TILE_K * tile_n),
+                    tile_n as u32,
+                );
+                cmma::execute::<F, F, f32, f32>(&a0, &b0, &acc00, &acc00);
+                cmma::execute::<F, F, f32, f32>(&a0, &b1, &acc01, &acc01);
+                cmma::execute::<F, F, f32, f32>(&a1, &b0, &acc10, &acc10);
+                cmma::execute::<F, F, f32, f32>(&a1, &b1, &acc11, &acc11);
+            }
+            sync_cube();
+            k0 += TILE_K;
+        }
+        // Through shared memory, one 16x16 fragment per plane at a time, because fragments
+        // have no per-element addressing to mask the rows of the next segment.
+        let mut stage_c = SharedMemory::<f32>::new_aligned(comptime!(units / 32 * 256), 32usize);
+        let own = plane * 256;
+        let (m, n) = (m0 + pm, n0 + pn);
+        if full {
+            store_direct::<F>(out, &acc00, expert, m, n, mode);
+            store_direct::<F>(out, &acc01, expert, m, n + 16, mode);
+            store_direct::<F>(out, &acc10, expert, m + 16, n, mode);
+            store_direct::<F>(out, &acc11, expert, m + 16, n + 16, mode);
+            terminate!();
+        }
+        write_fragment::<F>(out, &mut stage_c, &acc00, own, expert, m, m_end, n, n_end, mode);
+        write_fragment::<F>(out, &mut stage_c, &acc01, own, expert, m, m_end, n + 16, n_end, mode);
+        write_fragment::<F>(out, &mut stage_c, &acc10, own, expert, m + 16, m_end, n, n_end, mode);
+        write_fragment::<F>(out, &mut stage_c, &acc11, own, expert, m + 16, m_end, n + 16, n_end, mode);
+    } else {
+        // Unit u owns column u % tile_n and 32 consecutive rows: the rows' operands are
+        // broadcast reads across a plane, the column's a distinct bank per unit.
+        let n = UNIT_POS as usize % tile_n;
+        let mr = (UNIT_POS as usize / tile_n) * 32;
+        let mut acc = Array::<f32>::new(32usize);
+        #[unroll]
+        for i in 0..32usize {
+            acc[i] = 0.0;
+        }
+        let mut k0 = k_begin;
+        while k0 < k_end {
+            stage_operands::<F>(lhs, rhs, &mut stage_a, &mut stage_b, &bounds, k0, k_end, mode, tile_m, tile_n);
+            sync_cube();
+            for k in 0..TILE_K {
+                let b = f32::cast_from(stage_b[k * tile_n + n]);
+                #[unroll]
+                for i in 0..32usize {
+                    acc[i] += f32::cast_from(stage_a[(mr + i) * TILE_K + k]) * b;
+                }
+            }
+            sync_cube();
+            k0 += TILE_K;
+        }
+        #[unroll]
+        for i in 0..32usize {
+            write_output::<F>(out, acc[i], expert, m0 + mr + i, m_end, n0 + n, n_end, mode);
+        }
+    }
+}
+
+/// A 16x16 f32 accumulator fragment filled with zeros.
+#[cube]
+fn zero_accumulator() -> cmma::Matrix<f32> {
+    cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    )
+}
+
+/// Which operand layouts allow fragments straight from global memory (decided on the host
+/// from the strides: every leading stride a multiple of 16 elements, the other stride 1).
+#[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Direct {
+    /// Full tiles may load fragments from global memory.
+    pub(crate) usable: bool,
+    /// `B` is column-major in memory (the transposed weights of the row gradient).
+    pub(crate) b_col_major: bool,
+}
+
+/// The plane's two `A` and two `B` fragments at depth `k0`, read from global memory: `A` rows
+/// `m..m + 32`, `B` columns `n..n + 32`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn direct_fragments<F: Float>(
+    lhs: &Tensor<F>,
+    rhs: &Tensor<F>,
+    expert: usize,
+    m: usize,
+    n: usize,
+    k0: usize,
+    #[comptime] mode: u32,
+    #[comptime] direct: Direct,
+) -> (cmma::Matrix<F>, cmma::Matrix<F>, cmma::Matrix<F>, cmma::Matrix<F>) {
+    let lhs_len = lhs.len();
+    let rhs_len = rhs.len();
+    if comptime!(mode == MODE_ROWS) {
+        // A = the segment's rows (row-major); B = rhs[expert].
+        let sa = lhs.stride(0);
+        let a0 = fragment::<F>(lhs, m * sa + k0, lhs_len, sa, cmma::MatrixIdent::A, false);
+        let a1 = fragment::<F>(lhs, (m + 16) * sa + k0, lhs_len, sa, cmma::MatrixIdent::A, false);
+        let base = expert * rhs.stride(0);
+        if comptime!(direct.b_col_major) {
+            let sb = rhs.stride(2);
+            let b0 = fragment::<F>(rhs, base + k0 + n * sb, rhs_len, sb, cmma::MatrixIdent::B, true);
+            let b1 = fragment::<F>(rhs, base + k0 + (n + 16) * sb, rhs_len, sb, cmma::MatrixIdent::B, true);
+            (a0, a1, b0, b1)
+        } else {
+            let sb = rhs.stride(1);
+            let b0 = fragment::<F>(rhs, base + k0 * sb + n, rhs_len, sb, cmma::MatrixIdent::B, false);
+            let b1 = fragment::<F>(rhs, base + k0 * sb + n + 16, rhs_len, sb, cmma::MatrixIdent::B, false);
+            (a0, a1, b0, b1)
+        }
+    } else {
+        // A = lhs^T (column-major in memory), B = rhs rows (row-major).
+        let sa = lhs.stride(0);
+        let sb = rhs.stride(0);
+        let a0 = fragment::<F>(lhs, k0 * sa + m, lhs_len, sa, cmma::MatrixIdent::A, true);
+        let a1 = fragment::<F>(lhs, k0 * sa + m + 16, lhs_len, sa, cmma::MatrixIdent::A, true);
+        let b0 = fragment::<F>(rhs, k0 * sb + n, rhs_len, sb, cmma::MatrixIdent::B, false);
+        let b1 = fragment::<F>(rhs, k0 * sb + n + 16, rhs_len, sb, cmma::MatrixIdent::B, false);
+        (a0, a1, b0, b1)
+    }
+}
+
+/// One 16x16x16 input fragment of `t` starting at element `start`, leading stride `stride`.
+#[cube]
+fn fragment<F: Float>(
+    t: &Tensor<F>,
+    start: usize,
+    len: usize,
+    stride: usize,
+    #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] col_major: bool,
+) -> cmma::Matrix<F> {
+    if comptime!(col_major) {
+        cmma::Matrix::<F>::from_slice(
+            ident,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::ColMajor,
+            &t.slice(start, len),
+            stride as u32,
+        )
+    } else {
+        cmma::Matrix::<F>::from_slice(
+            ident,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &t.slice(start, len),
+            stride as u32,
+        )
+    }
+}
+
+/// Stores a whole 16x16 accumulator fragment at output `(m, n)`, cast to `F`.
+#[cube]
+fn store_direct<F: Float>(
+    out: &mut Tensor<F>,
+    acc: &cmma::Matrix<f32>,
+    expert: usize,
+    m: usize,
+    n: usize,
+    #[comptime] mode: u32,
+) {
+    let len = out.len();
+    let values = cmma::cast::<f32, F>(acc);
+    let mut start = m * out.stride(0) + n;
+    let mut stride = out.stride(0);
+    if comptime!(mode == MODE_WEIGHTS) {
+        stride = out.stride(1);
+        start = expert * out.stride(0) + m * stride + n;
+    }
+    cmma::store(&mut out.slice_mut(start, len), &values, stride as u32, cmma::MatrixLayout::RowMajor);
+}
+
+/// Where a cube's output tile lies: the expert, its rows `m0..m_end` and columns `n0..n_end`.
+#[derive(CubeType)]
+struct TileBounds {
+    expert: usize,
+    m0: usize,
+    m_end: usize,
+    n0: usize,
+    n_end: usize,
+}
+
+/// Stages `A` (`tile_m x TILE_K`, row-major) and `B` (`TILE_K x tile_n`, row-major) for the
+/// reduction step at `k0`, with zeros outside the valid rows, columns and depth.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_operands<F: Float>(
+    lhs: &Tensor<F>,
+    rhs: &Tensor<F>,
+    stage_a: &mut SharedMemory<F>,
+    stage_b: &mut SharedMemory<F>,
+    bounds: &TileBounds,
+    k0: usize,
+    k_end: usize,
+    #[comptime] mode: u32,
+    #[comptime] tile_m: usize,
+    #[comptime] tile_n: usize,
+) {
+    let units = comptime!(tile_m * tile_n / 32);
+    let unit = UNIT_POS as usize;
+    let (expert, m0, m_end, n0, n_end) = (bounds.expert, bounds.m0, bounds.m_end, bounds.n0, bounds.n_end);
+    let a_per_unit = tile_m * TILE_K / units;
+    let b_per_unit = TILE_K * tile_n / units;
+    if comptime!(mode == MODE_ROWS) {
+        // A: rows of the segment, depth contiguous in memory.
+        for i in 0..a_per_unit {
+            let idx = i * units + unit;
+            let m = idx / TILE_K;
+            let k = idx % TILE_K;
+            let mut value = F::new(0.0);
+            if m0 + m < m_end && k0 + k < k_end {
+                value = lhs[(m0 + m) * lhs.stride(0) + (k0 + k) * lhs.stride(1)];
+            }
+            stage_a[m * TILE_K + k] = value;
+        }
+        // B: the expert's matrix; walk whichever of its axes is contiguous so the reads
+        // coalesce (a transposed view has unit stride along the depth).
+        let base = expert * rhs.stride(0);
+        let walk_depth = rhs.stride(1) == 1;
+        for i in 0..b_per_unit {
+            let idx = i * units + unit;
+            let mut k = idx / tile_n;
+            let mut n = idx % tile_n;
+            if walk_depth {
+                k = idx % TILE_K;
+                n = idx / TILE_K;
+            }
+            let mut value = F::new(0.0);
+            if k0 + k < k_end && n0 + n < n_end {
+                value = rhs[base + (k0 + k) * rhs.stride(1) + (n0 + n) * rhs.stride(2)];
+            }
+            stage_b[k * tile_n + n] = value;
+        }
+    } else {
+        // A = lhs^T: walk the output rows (lhs columns), contiguous in memory.
+        for i in 0..a_per_unit {
+            let idx = i * units + unit;
+            let m = idx % tile_m;
+            let k = idx / tile_m;
+            let mut value = F::new(0.0);
+            if m0 + m < m_end && k0 + k < k_end {
+                value = lhs[(k0 + k) * lhs.stride(0) + (m0 + m) * lhs.stride(1)];
+            }
+            stage_a[m * TILE_K + k] = value;
+        }
+        for i in 0..b_per_unit {
+            let idx = i * units + unit;
+            let k = idx / tile_n;
+            let n = idx % tile_n;
+            let mut value = F::new(0.0);
+            if k0 + k < k_end && n0 + n < n_end {
+                value = rhs[(k0 + k) * rhs.stride(0) + (n0 + n) * rhs.stride(1)];
+            }
+            stage_b[k * tile_n + n] = value;
+        }
+    }
+}
+
+/// Writes the 16x16 accumulator fragment whose first element is output `(m, n)`, staged in
+/// the plane's own 256 floats of `stage` at `own`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_fragment<F: Float>(
+    out: &mut Tensor<F>,
+    stage: &mut SharedMemory<f32>,
+    acc: &cmma::Matrix<f32>,
+    own: usize,
+    expert: usize,
+    m: usize,
+    m_end: usize,
+    n: usize,
+    n_end: usize,
+    #[comptime] mode: u32,
+) {
+    cmma::store(&mut stage.slice_mut(own, own + 256), acc, 16u32, cmma::MatrixLayout::RowMajor);
+    sync_cube();
+    let lane = UNIT_POS as usize % 32;
+    #[unroll]
+    for i in 0..8usize {
+        let idx = i * 32 + lane;
+        write_output::<F>(out, stage[own + idx], expert, m + idx / 16, m_end, n + idx % 16, n_end, mode);
+    }
+    sync_cube();
+}
+
+/// Writes one accumulated element if it lies inside the output (and, for row tiles, inside
+/// the tile's segment).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_output<F: Float>(
+    out: &mut Tensor<F>,
+    value: f32,
+    expert: usize,
+    m: usize,
+    m_end: usize,
+    n: usize,
+    n_end: usize,
+    #[comptime] mode: u32,
+) {
+    if m < m_end && n < n_end {
+        if comptime!(mode == MODE_ROWS) {
+            out[m * out.stride(0) + n * out.stride(1)] = F::cast_from(value);
+        } else {
+            out[expert * out.stride(0) + m * out.stride(1) + n * out.stride(2)] = F::cast_from(value);
+        }
+    }
+}
+
+/// Units of the rank kernel's cube; each scans `RANK_ITEMS` consecutive pairs.
+pub(crate) const RANK_UNITS: u32 = 256;
+const RANK_ITEMS: usize = 4;
+
+/// `rank[i]` = how many pairs before `i` chose the same expert as pair `i` (their order inside
+/// the expert's segment). One cube per expert scans all `ids` in order, a block of
+/// `RANK_UNITS * RANK_ITEMS` at a time, with a shared-memory prefix sum: deterministic, and no
+/// sort (burn 0.21 sorts on the host).
+#[cube(launch)]
+pub(crate) fn rank_in_expert<I: Int>(ids: &Tensor<I>, rank: &mut Tensor<I>, #[define(I)] _dtype: StorageType) {
+    let expert = I::cast_from(CUBE_POS_X);
+    let n = ids.shape(0);
+    let unit = UNIT_POS as usize;
+    let units = RANK_UNITS as usize;
+    let mut scan = SharedMemory::<u32>::new(RANK_UNITS as usize);
+    let mut count = 0u32;
+    let mut base = 0usize;
+    while base < n {
+        let first = base + unit * RANK_ITEMS;
+        let mut hits = 0u32;
+        for j in 0..RANK_ITEMS {
+            let i = first + j;
+            if i < n && ids[i] == expert {
+                hits += 1;
+            }
+        }
+        scan[unit] = hits;
+        sync_cube();
+        // Inclusive Hillis-Steele scan over the units' hit counts.
+        let mut offset = 1usize;
+        while offset < units {
+            let mut add = 0u32;
+            if unit >= offset {
+                add = scan[unit - offset];
+            }
+            sync_cube();
+            scan[unit] += add;
+            sync_cube();
+            offset *= 2;
+        }
+        let mut next = count + scan[unit] - hits;
+        for j in 0..RANK_ITEMS {
+            let i = first + j;
+            if i < n && ids[i] == expert {
+                rank[i] = I::cast_from(next);
+                next += 1;
+            }
+        }
+        count += scan[units - 1];
+        sync_cube();
+        base += units * RANK_ITEMS;
+    }
+}
+
+/// Units per cube of the row kernels (one output element each).
+pub(crate) const ROW_UNITS: u32 = 256;
+
+/// `out[r] = scale[r] * x[source[r] - 1]`, a zero row where `source[r]` is 0 (padding);
+/// `scale` is read only when `scaled`. The permute (unscaled) and the combine's row gradient.
+#[cube(launch)]
+pub(crate) fn gather_rows<F: Float, I: Int>(
+    x: &Tensor<F>,
+    source: &Tensor<I>,
+    scale: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[comptime] scaled: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let idx = ABSOLUTE_POS;
+    if idx >= out.len() {
+        terminate!();
+    }
+    let d = out.shape(1);
+    let r = idx / d;
+    let j = idx % d;
+    let s = usize::cast_from(source[r]);
+    let mut value = F::new(0.0);
+    if s > 0 {
+        value = x[(s - 1) * x.stride(0) + j * x.stride(1)];
+        if comptime!(scaled) {
+            value *= scale[r];
+        }
+    }
+    out[idx] = value;
+}
+
+/// `out[t] = sum_k weights[t, k] * rows[row_of_pair[t K + k]]`, skipping dropped pairs (rows
+/// past the end), accumulated in f32: the combine as a gather, so no atomics and a fixed
+/// summation order. With unit weights it is the permute's backward.
+#[cube(launch)]
+pub(crate) fn combine_rows<F: Float, I: Int>(
+    rows: &Tensor<F>,
+    row_of_pair: &Tensor<I>,
+    weights: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let idx = ABSOLUTE_POS;
+    if idx >= out.len() {
+        terminate!();
+    }
+    let d = out.shape(1);
+    let t = idx / d;
+    let j = idx % d;
+    let top_k = weights.shape(1);
+    let total = rows.shape(0);
+    let mut acc = 0.0f32;
+    for k in 0..top_k {
+        let r = usize::cast_from(row_of_pair[t * top_k + k]);
+        if r < total {
+            let w = f32::cast_from(weights[t * weights.stride(0) + k * weights.stride(1)]);
+            acc += w * f32::cast_from(rows[r * rows.stride(0) + j * rows.stride(1)]);
+        }
+    }
+    out[idx] = F::cast_from(acc);
+}

@@ -1,0 +1,559 @@
+//! The CubeCL grouped GEMM for the cube backends (burn-cuda, burn-wgpu): one kernel serves
+//! both, with and without burn's fusion.
+//!
+//! The expert segments stay packed back to back (`Segments`), so no row is padded: each
+//! launch walks a host-built table of `TILE_M`-row tiles that never cross a segment
+//! boundary. Three products cover training: rows x weights (forward), rows x weights^T (row
+//! gradient, the same kernel on a transposed view) and rows^T x gradient per segment (weight
+//! gradient).
+
+mod kernel;
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+use cubecl::ir::{StorageType, features::MmaConfig};
+use cubecl::prelude::{CubeCount, CubeDim};
+
+use kernel::{
+    Direct, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, combine_rows, gather_rows, grouped_gemm, rank_in_expert,
+    units,
+};
+
+use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, portable};
+
+/// The kernels on a backend's primitives: the two grouped products, given the rows each
+/// expert owns (`segment_rows`, host), and the in-expert ranks of the dispatch plan. A fusion
+/// backend forwards them to its inner backend.
+pub trait MoeCubeKernels: Backend {
+    /// `[rows, a] x [E, a, b] -> [rows, b]`, segment by segment.
+    fn grouped_gemm(rows: FloatTensor<Self>, weights: FloatTensor<Self>, segment_rows: &[usize]) -> FloatTensor<Self>;
+
+    /// `[rows, a], [rows, b] -> [E, a, b]`: each expert's `rows_e^T grad_e` (zeros when empty).
+    fn grouped_gemm_weight_grad(
+        rows: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        segment_rows: &[usize],
+    ) -> FloatTensor<Self>;
+
+    /// See [`crate::portable::RankInExpert`]: `ids` `[N]`, every id in `0..num_experts`.
+    fn rank_in_expert(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
+
+    /// `out[r] = scale[r] * x[source[r] - 1]` (`[rows, d]`), a zero row where `source[r]` is 0;
+    /// unscaled without `scale`.
+    fn gather_rows(
+        x: FloatTensor<Self>,
+        source: IntTensor<Self>,
+        scale: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self>;
+
+    /// `out[t] = sum_k weights[t, k] rows[row_of_pair[t K + k]]` (`[T, d]`), dropped pairs
+    /// (rows past the end) skipped; `weights` in the rows' dtype.
+    fn combine_rows(
+        rows: FloatTensor<Self>,
+        row_of_pair: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKernels for CubeBackend<R, F, I, BT> {
+    fn grouped_gemm(rows: CubeTensor<R>, weights: CubeTensor<R>, segment_rows: &[usize]) -> CubeTensor<R> {
+        launch_rows(rows, weights, segment_rows, use_tensor_cores)
+    }
+
+    fn grouped_gemm_weight_grad(rows: CubeTensor<R>, grad: CubeTensor<R>, segment_rows: &[usize]) -> CubeTensor<R> {
+        launch_weight_grad(rows, grad, segment_rows, use_tensor_cores)
+    }
+
+    fn rank_in_expert(ids: CubeTensor<R>, num_experts: usize) -> CubeTensor<R> {
+        let ids = into_contiguous(ids);
+        let out = empty_device_contiguous_dtype(ids.client.clone(), ids.device.clone(), ids.shape(), ids.dtype);
+        if num_experts == 0 || ids.meta.shape()[0] == 0 {
+            return out;
+        }
+        rank_in_expert::launch(
+            &ids.client,
+            CubeCount::Static(num_experts as u32, 1, 1),
+            CubeDim::new_1d(RANK_UNITS),
+            ids.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            ids.dtype.into(),
+        );
+        out
+    }
+
+    fn gather_rows(x: CubeTensor<R>, source: CubeTensor<R>, scale: Option<CubeTensor<R>>) -> CubeTensor<R> {
+        let shape = Shape::new([source.meta.shape()[0], x.meta.shape()[1]]);
+        let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+        let elements = out.meta.num_elements();
+        if elements == 0 {
+            return out;
+        }
+        let source = into_contiguous(source);
+        let dtypes = [x.dtype.into(), source.dtype.into()];
+        let scaled = scale.is_some();
+        let scale = scale.map(into_contiguous).unwrap_or_else(|| x.clone());
+        gather_rows::launch(
+            &x.client,
+            row_cubes(elements),
+            CubeDim::new_1d(ROW_UNITS),
+            x.clone().into_tensor_arg(),
+            source.into_tensor_arg(),
+            scale.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            scaled,
+            dtypes,
+        );
+        out
+    }
+
+    fn combine_rows(rows: CubeTensor<R>, row_of_pair: CubeTensor<R>, weights: CubeTensor<R>) -> CubeTensor<R> {
+        let shape = Shape::new([weights.meta.shape()[0], rows.meta.shape()[1]]);
+        let out = empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), shape, rows.dtype);
+        let elements = out.meta.num_elements();
+        if elements == 0 {
+            return out;
+        }
+        let row_of_pair = into_contiguous(row_of_pair);
+        let dtypes = [rows.dtype.into(), row_of_pair.dtype.into()];
+        combine_rows::launch(
+            &rows.client,
+            row_cubes(elements),
+            CubeDim::new_1d(ROW_UNITS),
+            rows.clone().into_tensor_arg(),
+            row_of_pair.into_tensor_arg(),
+            weights.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            dtypes,
+        );
+        out
+    }
+}
+
+/// Cubes for one unit per element; a 2-D grid past the 65535 cubes a wgpu dimension holds.
+fn row_cubes(elements: usize) -> CubeCount {
+    let cubes = elements.div_ceil(ROW_UNITS as usize) as u32;
+    let x = cubes.min(32768);
+    CubeCount::Static(x, cubes.div_ceil(x), 1)
+}
+
+/// [`MoeCubeKernels::rank_in_expert`] on tensors, as [`crate::portable::plan_with_ranks`] takes it.
+fn ranks<B: MoeCubeKernels>(ids: Tensor<B, 1, Int>, num_experts: usize) -> Tensor<B, 1, Int> {
+    Tensor::from_primitive(B::rank_in_expert(ids.into_primitive(), num_experts))
+}
+
+/// The output tile one cube computes, `(rows, columns)`: `MOE_GEMM_TILE=MxN` (multiples of
+/// 32, at most 128x128) picks another for tuning; 64x64 otherwise.
+pub fn tile_shape() -> (usize, usize) {
+    static TILE: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *TILE.get_or_init(|| {
+        let parsed = std::env::var("MOE_GEMM_TILE").ok().and_then(|v| {
+            let (m, n) = v.split_once('x')?;
+            Some((m.parse().ok()?, n.parse().ok()?))
+        });
+        match parsed {
+            Some((m, n)) if [32, 64, 128].contains(&m) && [32, 64, 128].contains(&n) => (m, n),
+            // A bad value must not change results, only speed: say so and keep the default.
+            Some(_) | None => {
+                if let Ok(v) = std::env::var("MOE_GEMM_TILE") {
+                    eprintln!("MOE_GEMM_TILE={v} is not MxN with M, N in 32, 64, 128; using 64x64");
+                }
+                (64, 64)
+            }
+        }
+    })
+}
+
+/// Whether the cube backends use these kernels: `MOE_KERNELS=portable` makes them plan
+/// `Padded` and run the portable burn-op path instead (the before/after of the benches).
+pub fn kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("MOE_KERNELS").map_or(true, |v| v != "portable"))
+}
+
+/// Whether the `cmma` path runs for this tensor's element type: half precision in, f32
+/// accumulate, 16x16x16 fragments, planes of 32 (the kernel's 2x2 plane grid assumes it).
+pub fn use_tensor_cores<R: CubeRuntime>(tensor: &CubeTensor<R>) -> bool {
+    if !matches!(tensor.dtype, DType::BF16 | DType::F16) {
+        return false;
+    }
+    let props = tensor.client.properties();
+    let elem: StorageType = tensor.dtype.into();
+    let config = MmaConfig { a_type: elem, b_type: elem, cd_type: DType::F32.into(), m: 16, n: 16, k: 16 };
+    props.hardware.plane_size_min == 32
+        && props.hardware.plane_size_max == 32
+        && props.features.matmul.cmma.contains(&config)
+}
+
+/// The rows-times-weights launch; `tensor_cores` picks the tile product (tests force either).
+pub fn launch_rows<R: CubeRuntime>(
+    rows: CubeTensor<R>,
+    weights: CubeTensor<R>,
+    segment_rows: &[usize],
+    tensor_cores: impl Fn(&CubeTensor<R>) -> bool,
+) -> CubeTensor<R> {
+    let total = rows.meta.shape()[0];
+    let n = weights.meta.shape()[2];
+    let out =
+        empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), Shape::new([total, n]), rows.dtype);
+    let (tile_m, tile_n) = tile_shape();
+    let mut table = Vec::new();
+    let mut start = 0;
+    for (expert, &count) in segment_rows.iter().enumerate() {
+        let end = start + count;
+        table.extend((start..end).step_by(tile_m).flat_map(|first| [expert as u32, first as u32, end as u32]));
+        start = end;
+    }
+    if table.is_empty() || n == 0 {
+        return out;
+    }
+    let cmma = tensor_cores(&rows);
+    let (ws, rs) = (weights.meta.strides(), rows.meta.strides());
+    let aligned = |stride: usize| stride % 16 == 0;
+    let b_row_major = ws[2] == 1 && aligned(ws[1]);
+    let b_col_major = ws[1] == 1 && aligned(ws[2]);
+    let direct = Direct {
+        usable: cmma && rs[1] == 1 && aligned(rs[0]) && aligned(ws[0]) && aligned(n) && (b_row_major || b_col_major),
+        b_col_major: !b_row_major,
+    };
+    let n_blocks = n.div_ceil(tile_n) as u32;
+    // Tiles run along x; a device's x limit (65535 on wgpu) splits very long tables.
+    let max_x = rows.client.properties().hardware.max_cube_count.0 as usize;
+    for chunk in table.chunks(max_x * 3) {
+        let tiles = u32_tensor(&rows, chunk);
+        grouped_gemm::launch(
+            &rows.client,
+            CubeCount::Static((chunk.len() / 3) as u32, n_blocks, 1),
+            CubeDim::new_1d(units(tile_m, tile_n)),
+            rows.clone().into_tensor_arg(),
+            weights.clone().into_tensor_arg(),
+            tiles.into_array_arg(),
+            out.clone().into_tensor_arg(),
+            MODE_ROWS,
+            cmma,
+            tile_m,
+            tile_n,
+            direct,
+            rows.dtype.into(),
+        );
+    }
+    out
+}
+
+/// The weight-gradient launch: one cube per (column block, row block, expert).
+pub fn launch_weight_grad<R: CubeRuntime>(
+    rows: CubeTensor<R>,
+    grad: CubeTensor<R>,
+    segment_rows: &[usize],
+    tensor_cores: impl Fn(&CubeTensor<R>) -> bool,
+) -> CubeTensor<R> {
+    let a = rows.meta.shape()[1];
+    let b = grad.meta.shape()[1];
+    let experts = segment_rows.len();
+    let out = empty_device_contiguous_dtype(
+        rows.client.clone(),
+        rows.device.clone(),
+        Shape::new([experts, a, b]),
+        rows.dtype,
+    );
+    if experts == 0 || a == 0 || b == 0 {
+        return out;
+    }
+    let offsets: Vec<u32> = std::iter::once(0)
+        .chain(segment_rows.iter().scan(0u32, |end, &count| {
+            *end += count as u32;
+            Some(*end)
+        }))
+        .collect();
+    let cmma = tensor_cores(&rows);
+    let (tile_m, tile_n) = tile_shape();
+    let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
+    let direct = Direct {
+        usable: cmma && rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], b].iter().all(|s| s % 16 == 0),
+        b_col_major: false,
+    };
+    let tiles = u32_tensor(&rows, &offsets);
+    grouped_gemm::launch(
+        &rows.client,
+        CubeCount::Static(b.div_ceil(tile_n) as u32, a.div_ceil(tile_m) as u32, experts as u32),
+        CubeDim::new_1d(units(tile_m, tile_n)),
+        rows.clone().into_tensor_arg(),
+        grad.into_tensor_arg(),
+        tiles.into_array_arg(),
+        out.clone().into_tensor_arg(),
+        MODE_WEIGHTS,
+        cmma,
+        tile_m,
+        tile_n,
+        direct,
+        rows.dtype.into(),
+    );
+    out
+}
+
+/// A small host table uploaded as a `u32` tensor on `like`'s device.
+fn u32_tensor<R: CubeRuntime>(like: &CubeTensor<R>, values: &[u32]) -> CubeTensor<R> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let handle = like.client.create_from_slice(&bytes);
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::new([values.len()]), handle, DType::U32)
+}
+
+fn float<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
+    tensor.into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// The `MoeBackend` methods of a backend with [`MoeCubeKernels`]: the cube backends and their
+/// fusion wrappers share them (one impl each, as the two types cannot share a blanket impl).
+macro_rules! cube_moe_methods {
+    () => {
+        fn moe_plan(
+            expert_ids: Tensor<Self, 2, Int>,
+            priority: Option<Tensor<Self, 2>>,
+            num_experts: usize,
+            limit: CapacityLimit,
+        ) -> Result<DispatchPlan<Self>, KernelError> {
+            if !kernels_enabled() {
+                return portable::plan(expert_ids, priority, num_experts, limit, DispatchLayout::Padded);
+            }
+            portable::plan_with_ranks(expert_ids, priority, num_experts, limit, Self::LAYOUT, Some(ranks::<Self>))
+        }
+
+        fn moe_permute(x: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
+            if !kernels_enabled() {
+                return portable::permute(x, plan);
+            }
+            tensor(Self::gather_rows(float(x), plan.source_of_row.clone().into_primitive(), None))
+        }
+
+        fn moe_combine(rows: Tensor<Self, 2>, weights: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
+            if !kernels_enabled() {
+                return portable::combine(rows, weights, plan);
+            }
+            let weights = weights.cast(rows.dtype());
+            let row_of_pair = plan.row_of_pair.clone().into_primitive();
+            tensor(Self::combine_rows(float(rows), row_of_pair, float(weights)))
+        }
+
+        fn moe_permute_grad(grad_rows: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
+            let ones = Tensor::<Self, 2>::ones([plan.tokens(), plan.top_k()], &grad_rows.device());
+            Self::moe_combine(grad_rows, ones, plan)
+        }
+
+        fn moe_combine_grad(
+            rows: Tensor<Self, 2>,
+            weights: Tensor<Self, 2>,
+            grad_out: Tensor<Self, 2>,
+            plan: &DispatchPlan<Self>,
+        ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+            if !kernels_enabled() {
+                return portable::combine_grad(rows, weights, grad_out, plan);
+            }
+            let row_weight = portable::row_weights(weights.clone(), plan, rows.dims()[0], grad_out.dtype());
+            let source = plan.source_of_row.clone().into_primitive();
+            let grad_rows = tensor(Self::gather_rows(float(grad_out.clone()), source, Some(float(row_weight))));
+            (grad_rows, portable::combine_grad_weights(rows, weights, grad_out, plan))
+        }
+
+        fn moe_grouped_matmul(
+            rows: Tensor<Self, 2>,
+            weights: Tensor<Self, 3>,
+            plan: &DispatchPlan<Self>,
+        ) -> Tensor<Self, 2> {
+            if !kernels_enabled() {
+                return portable::grouped_matmul(rows, weights, plan);
+            }
+            tensor(Self::grouped_gemm(float(rows), float(weights), plan.segment_rows()))
+        }
+
+        fn moe_grouped_matmul_grad_rows(
+            grad: Tensor<Self, 2>,
+            weights: Tensor<Self, 3>,
+            plan: &DispatchPlan<Self>,
+        ) -> Tensor<Self, 2> {
+            Self::moe_grouped_matmul(grad, weights.swap_dims(1, 2), plan)
+        }
+
+        fn moe_grouped_matmul_grad_weights(
+            rows: Tensor<Self, 2>,
+            grad: Tensor<Self, 2>,
+            plan: &DispatchPlan<Self>,
+        ) -> Tensor<Self, 3> {
+            if !kernels_enabled() {
+                return portable::grouped_matmul_grad_weights(rows, grad, plan);
+            }
+            tensor(Self::grouped_gemm_weight_grad(float(rows), float(grad), plan.segment_rows()))
+        }
+
+        fn moe_grouped_swiglu(
+            rows: Tensor<Self, 2>,
+            gate: Tensor<Self, 3>,
+            up: Tensor<Self, 3>,
+            down: Tensor<Self, 3>,
+            plan: &DispatchPlan<Self>,
+        ) -> Tensor<Self, 2> {
+            portable::swiglu_by_grouped_matmuls(rows, gate, up, down, plan)
+        }
+    };
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend for CubeBackend<R, F, I, BT> {
+    const LAYOUT: DispatchLayout = DispatchLayout::Segments;
+
+    cube_moe_methods!();
+}
+
+/// Which kernel a fusion custom op runs, with its host-side arguments.
+#[derive(Debug, Clone)]
+enum Kernel {
+    /// Inputs: rows, weights.
+    Rows(Vec<usize>),
+    /// Inputs: rows, gradient.
+    WeightGrad(Vec<usize>),
+    /// Inputs: x, source (int), and the scale when `true`.
+    Gather(bool),
+    /// Inputs: rows, row_of_pair (int), weights.
+    Combine,
+}
+
+impl Kernel {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Rows(_) => "moe_grouped_gemm",
+            Self::WeightGrad(_) => "moe_grouped_gemm_weight_grad",
+            Self::Gather(_) => "moe_gather_rows",
+            Self::Combine => "moe_combine_rows",
+        }
+    }
+}
+
+/// A kernel as an operation in burn-fusion's stream: the inner backend runs it when the
+/// stream reaches it, so no flush or host sync is forced here.
+#[derive(Debug, Clone)]
+struct KernelOp<B> {
+    desc: CustomOpIr,
+    kernel: Kernel,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp<B> {
+    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
+        let out = &self.desc.outputs[0];
+        let inputs = &self.desc.inputs;
+        let result = match &self.kernel {
+            Kernel::Rows(segments) => B::grouped_gemm(
+                handles.get_float_tensor::<B>(&inputs[0]),
+                handles.get_float_tensor::<B>(&inputs[1]),
+                segments,
+            ),
+            Kernel::WeightGrad(segments) => B::grouped_gemm_weight_grad(
+                handles.get_float_tensor::<B>(&inputs[0]),
+                handles.get_float_tensor::<B>(&inputs[1]),
+                segments,
+            ),
+            Kernel::Gather(scaled) => B::gather_rows(
+                handles.get_float_tensor::<B>(&inputs[0]),
+                handles.get_int_tensor::<B>(&inputs[1]),
+                scaled.then(|| handles.get_float_tensor::<B>(&inputs[2])),
+            ),
+            Kernel::Combine => B::combine_rows(
+                handles.get_float_tensor::<B>(&inputs[0]),
+                handles.get_int_tensor::<B>(&inputs[1]),
+                handles.get_float_tensor::<B>(&inputs[2]),
+            ),
+        };
+        handles.register_float_tensor::<B>(&out.id, result);
+    }
+}
+
+/// Registers `kernel(inputs)` with a float output of `shape` (the first input's dtype) in the
+/// fusion stream.
+fn fused<B: FusionBackend + MoeCubeKernels>(
+    kernel: Kernel,
+    inputs: Vec<FusionTensor<B::FusionRuntime>>,
+    shape: Shape,
+) -> FloatTensor<Fusion<B>> {
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let out = TensorIr::uninit(client.create_empty_handle(), shape, inputs[0].dtype);
+    let irs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
+    let desc = CustomOpIr::new(kernel.name(), &irs, &[out]);
+    let op = KernelOp::<B> { desc: desc.clone(), kernel, _backend: std::marker::PhantomData };
+    client.register(streams, OperationIr::Custom(desc), op).output()
+}
+
+/// The in-expert ranks as an operation in burn-fusion's stream.
+#[derive(Debug, Clone)]
+struct RankOp<B> {
+    desc: CustomOpIr,
+    num_experts: usize,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for RankOp<B> {
+    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
+        let ([ids], [out]) = self.desc.as_fixed();
+        let ids = handles.get_int_tensor::<B>(ids);
+        handles.register_int_tensor::<B>(&out.id, B::rank_in_expert(ids, self.num_experts));
+    }
+}
+
+impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
+    fn grouped_gemm(rows: FloatTensor<Self>, weights: FloatTensor<Self>, segment_rows: &[usize]) -> FloatTensor<Self> {
+        let shape = Shape::new([rows.shape[0], weights.shape[2]]);
+        fused::<B>(Kernel::Rows(segment_rows.to_vec()), vec![rows, weights], shape)
+    }
+
+    fn grouped_gemm_weight_grad(
+        rows: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        segment_rows: &[usize],
+    ) -> FloatTensor<Self> {
+        let shape = Shape::new([segment_rows.len(), rows.shape[1], grad.shape[1]]);
+        fused::<B>(Kernel::WeightGrad(segment_rows.to_vec()), vec![rows, grad], shape)
+    }
+
+    fn rank_in_expert(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self> {
+        let client = ids.client.clone();
+        let streams = OperationStreams::with_inputs([&ids]);
+        let out = TensorIr::uninit(client.create_empty_handle(), ids.shape.clone(), ids.dtype);
+        let desc = CustomOpIr::new("moe_rank_in_expert", &[ids.into_ir()], &[out]);
+        let op = RankOp::<B> { desc: desc.clone(), num_experts, _backend: std::marker::PhantomData };
+        client.register(streams, OperationIr::Custom(desc), op).output()
+    }
+
+    fn gather_rows(
+        x: FloatTensor<Self>,
+        source: IntTensor<Self>,
+        scale: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let shape = Shape::new([source.shape[0], x.shape[1]]);
+        let scaled = scale.is_some();
+        let inputs = [Some(x), Some(source), scale].into_iter().flatten().collect();
+        fused::<B>(Kernel::Gather(scaled), inputs, shape)
+    }
+
+    fn combine_rows(
+        rows: FloatTensor<Self>,
+        row_of_pair: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let shape = Shape::new([weights.shape[0], rows.shape[1]]);
+        fused::<B>(Kernel::Combine, vec![rows, row_of_pair, weights], shape)
+    }
+}
+
+impl<B: FusionBackend + MoeCubeKernels + MoeBackend> MoeBackend for Fusion<B> {
+    const LAYOUT: DispatchLayout = B::LAYOUT;
+
+    cube_moe_methods!();
+}

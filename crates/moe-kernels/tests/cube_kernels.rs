@@ -1,0 +1,183 @@
+//! The CubeCL grouped GEMM against a float64 host loop, on whichever cube backends are
+//! compiled in: wgpu (lavapipe in CI, the scalar tile product) and CUDA (the H200: both the
+//! tensor-core and the scalar tile product).
+//!
+//! Each case is a list of segment sizes: empty experts, one expert taking every row, and
+//! sizes and widths that are not tile multiples. Inputs are fresh random numbers each run
+//! (the seed is printed); the measure is `||out - ref|| / ||ref||`, and NaN never passes.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
+
+use burn::tensor::Int;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeRuntime};
+use moe_kernels::cube::{MoeCubeKernels, launch_rows, launch_weight_grad, use_tensor_cores};
+
+/// (name, rows per expert, a, b)
+const CASES: &[(&str, &[usize], usize, usize)] = &[
+    ("segments that are not tile multiples", &[3, 0, 70, 129, 1], 40, 72),
+    ("one expert takes every row", &[0, 0, 200, 0], 96, 64),
+    ("a single row", &[0, 1, 0], 33, 17),
+    ("wide, deep and ragged", &[65, 1, 0, 64, 127], 160, 130),
+    // 16-aligned widths: full tiles take the tensor cores' direct path, the rest the staged one.
+    ("aligned, full and partial tiles", &[130, 0, 64, 200, 17], 128, 96),
+];
+
+type Backend<R> = CubeBackend<R, f32, i32, u32>;
+
+struct Lcg(u64);
+
+impl Lcg {
+    fn normal_ish(&mut self) -> f32 {
+        // Sum of four uniforms, centred: enough spread for relative-error checks.
+        (0..4)
+            .map(|_| {
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .sum()
+    }
+
+    fn values(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal_ish()).collect()
+    }
+}
+
+/// A device tensor of `dtype` and the host values it actually holds (rounded to `dtype`).
+fn upload<R: CubeRuntime, const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    dtype: DType,
+    device: &R::Device,
+) -> (CubeTensor<R>, Vec<f64>) {
+    let t = Tensor::<Backend<R>, D>::from_data(TensorData::new(values, shape), device).cast(dtype);
+    let held = t.clone().cast(DType::F32).into_data().to_vec::<f32>().unwrap();
+    (t.into_primitive().tensor(), held.into_iter().map(f64::from).collect())
+}
+
+fn download<R: CubeRuntime, const D: usize>(t: CubeTensor<R>) -> Vec<f64> {
+    let t = Tensor::<Backend<R>, D>::from_primitive(TensorPrimitive::Float(t));
+    t.cast(DType::F32).into_data().to_vec::<f32>().unwrap().into_iter().map(f64::from).collect()
+}
+
+fn relative_error(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let diff: f64 = out.iter().zip(reference).map(|(o, r)| (o - r) * (o - r)).sum();
+    let norm: f64 = reference.iter().map(|r| r * r).sum();
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn check(label: &str, out: &[f64], reference: &[f64], tolerance: f64) {
+    let err = relative_error(out, reference);
+    println!("{label}: relative error {err:.2e} (tolerance {tolerance:.0e})");
+    // Written so that NaN fails.
+    assert!(err <= tolerance, "{label}: relative error {err:e} over {tolerance:e}");
+}
+
+/// Runs every case on `device` in `dtype`, with the tensor-core path when `tensor_cores`.
+fn run_cases<R: CubeRuntime>(device: &R::Device, dtype: DType, tensor_cores: bool, tolerance: f64) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("seed {seed}");
+    let mut rng = Lcg(seed);
+    for &(name, segments, a, b) in CASES {
+        let label = format!("{name} ({dtype:?}, tensor cores {tensor_cores})");
+        let experts = segments.len();
+        let rows: usize = segments.iter().sum();
+        let (x, xh) = upload::<R, 2>(rng.values(rows * a), [rows, a], dtype, device);
+        let (w, wh) = upload::<R, 3>(rng.values(experts * a * b), [experts, a, b], dtype, device);
+        let (g, gh) = upload::<R, 2>(rng.values(rows * b), [rows, b], dtype, device);
+        let path = |_: &CubeTensor<R>| tensor_cores;
+
+        // Host references: y = x w_e, dx = g w_e^T, dw_e = x_e^T g_e.
+        let (mut y, mut dx, mut dw) = (vec![0.0; rows * b], vec![0.0; rows * a], vec![0.0; experts * a * b]);
+        let mut first = 0;
+        for (e, &n) in segments.iter().enumerate() {
+            for r in first..first + n {
+                for i in 0..a {
+                    for j in 0..b {
+                        let wv = wh[(e * a + i) * b + j];
+                        y[r * b + j] += xh[r * a + i] * wv;
+                        dx[r * a + i] += gh[r * b + j] * wv;
+                        dw[(e * a + i) * b + j] += xh[r * a + i] * gh[r * b + j];
+                    }
+                }
+            }
+            first += n;
+        }
+
+        let out = download::<R, 2>(launch_rows(x.clone(), w.clone(), segments, path));
+        check(&format!("{label} rows x weights"), &out, &y, tolerance);
+        let wt = Tensor::<Backend<R>, 3>::from_primitive(TensorPrimitive::Float(w)).swap_dims(1, 2);
+        let out = download::<R, 2>(launch_rows(g.clone(), wt.into_primitive().tensor(), segments, path));
+        check(&format!("{label} row gradient (transposed view)"), &out, &dx, tolerance);
+        let out = download::<R, 3>(launch_weight_grad(x, g, segments, path));
+        check(&format!("{label} weight gradient"), &out, &dw, tolerance);
+    }
+}
+
+/// Both tile products in every dtype the device has; the tensor-core one only where
+/// [`use_tensor_cores`] says the device runs it.
+fn run_all<R: CubeRuntime>(device: &R::Device, dtypes: &[(DType, f64)]) {
+    for &(dtype, tolerance) in dtypes {
+        run_cases::<R>(device, dtype, false, tolerance);
+        let probe = Tensor::<Backend<R>, 1>::zeros([1], device).cast(dtype).into_primitive().tensor();
+        if use_tensor_cores::<R>(&probe) {
+            run_cases::<R>(device, dtype, true, tolerance);
+        } else {
+            println!("{dtype:?}: no tensor-core path on this device");
+        }
+    }
+}
+
+/// The dispatch plan's in-expert ranks against a host count, on id lists longer than one
+/// scan block (1024), with empty experts and a single expert.
+fn check_ranks<R: CubeRuntime>(device: &R::Device) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("rank seed {seed}");
+    let mut rng = Lcg(seed);
+    for (pairs, experts, used) in [(1usize, 1usize, 1usize), (3000, 64, 60), (5000, 256, 7), (1024, 4, 1)] {
+        let ids: Vec<i32> =
+            (0..pairs).map(|_| ((rng.normal_ish() + 2.0).abs() * 1000.0) as i32 % used as i32).collect();
+        let mut seen = vec![0i64; experts];
+        let expected: Vec<i64> = ids
+            .iter()
+            .map(|&e| {
+                seen[e as usize] += 1;
+                seen[e as usize] - 1
+            })
+            .collect();
+        let t = Tensor::<Backend<R>, 1, Int>::from_data(TensorData::new(ids, [pairs]), device);
+        let rank = Backend::<R>::rank_in_expert(t.into_primitive(), experts);
+        let got: Vec<i64> = Tensor::<Backend<R>, 1, Int>::from_primitive(rank).into_data().iter::<i64>().collect();
+        assert_eq!(got, expected, "{pairs} pairs over {experts} experts");
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn ranks_match_the_host_count_on_wgpu() {
+    check_ranks::<cubecl::wgpu::WgpuRuntime>(&Default::default());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn ranks_match_the_host_count_on_cuda() {
+    check_ranks::<cubecl::cuda::CudaRuntime>(&Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn grouped_gemm_matches_the_host_loop_on_wgpu() {
+    // f32 only: software Vulkan drivers do not all store half precision.
+    run_all::<cubecl::wgpu::WgpuRuntime>(&Default::default(), &[(DType::F32, 1e-5)]);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn grouped_gemm_matches_the_host_loop_on_cuda() {
+    // Half-precision outputs are rounded once (bf16: 8 bits of mantissa, f16: 11).
+    run_all::<cubecl::cuda::CudaRuntime>(
+        &Default::default(),
+        &[(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)],
+    );
+}
