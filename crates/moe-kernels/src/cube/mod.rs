@@ -1,11 +1,11 @@
-//! The CubeCL grouped GEMM for the cube backends (burn-cuda, burn-wgpu): one kernel serves
-//! both, with and without burn's fusion.
+//! The CubeCL kernels of the MoE dispatch for the cube backends (burn-cuda, burn-wgpu): one
+//! implementation serves both, with and without burn's fusion.
 //!
 //! The expert segments stay packed back to back (`Segments`), so no row is padded: each
-//! launch walks a host-built table of `TILE_M`-row tiles that never cross a segment
-//! boundary. Three products cover training: rows x weights (forward), rows x weights^T (row
-//! gradient, the same kernel on a transposed view) and rows^T x gradient per segment (weight
-//! gradient).
+//! grouped-GEMM launch walks a host-built table of row tiles, one expert each. Three products
+//! cover training: rows x weights (forward), rows x weights^T (row gradient, the same kernel on
+//! a transposed view) and rows^T x gradient per segment (weight gradient). Around them: the
+//! plan's in-expert ranks, the permute (a row gather) and the combine (a gather per token).
 
 mod kernel;
 
@@ -29,8 +29,8 @@ use kernel::{
 use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, portable};
 
 /// The kernels on a backend's primitives: the two grouped products, given the rows each
-/// expert owns (`segment_rows`, host), and the in-expert ranks of the dispatch plan. A fusion
-/// backend forwards them to its inner backend.
+/// expert owns (`segment_rows`, host), the in-expert ranks of the dispatch plan, the row
+/// gather and the combine. A fusion backend forwards them to its inner backend.
 pub trait MoeCubeKernels: Backend {
     /// `[rows, a] x [E, a, b] -> [rows, b]`, segment by segment.
     fn grouped_gemm(rows: FloatTensor<Self>, weights: FloatTensor<Self>, segment_rows: &[usize]) -> FloatTensor<Self>;
