@@ -1,6 +1,6 @@
-//! [`MoeBackend`] for `Autodiff`: the grouped matmul has its own backward, which runs on the
-//! inner backend's `moe_grouped_matmul_grad_*`, so a backend's grouped kernels serve the
-//! backward too.
+//! [`MoeBackend`] for `Autodiff`: the grouped matmul, the permute and the combine have their
+//! own backward, which runs on the inner backend's `MoeBackend` methods, so a backend's kernels
+//! serve the backward too.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -8,11 +8,10 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{Int, Tensor};
 
 use crate::portable::swiglu_by_grouped_matmuls;
-use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend};
+use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor};
 
 impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     // The inner backend's layout: the backward below runs each segment on the inner backend,
@@ -39,9 +38,11 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         let rows = rows.into_primitive().tensor();
         let weights = weights.into_primitive().tensor();
         let plan = plan.to_inner();
-        let output = B::moe_grouped_matmul(float(rows.primitive.clone()), float(weights.primitive.clone()), &plan)
-            .into_primitive()
-            .tensor();
+        let output = float_primitive(B::moe_grouped_matmul(
+            float_tensor(rows.primitive.clone()),
+            float_tensor(weights.primitive.clone()),
+            &plan,
+        ));
         let (rows_tracked, weights_tracked) = (rows.is_tracked(), weights.is_tracked());
         let output = match GroupedMatmulBackward
             .prepare::<C>([rows.node.clone(), weights.node.clone()])
@@ -59,7 +60,7 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(output),
         };
-        Tensor::from_primitive(TensorPrimitive::Float(output))
+        float_tensor(output)
     }
 
     // Permute and combine keep their state rather than recomputing under checkpointing (marked
@@ -67,21 +68,23 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn moe_permute(x: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
         let x = x.into_primitive().tensor();
         let plan = plan.to_inner();
-        let output = B::moe_permute(float(x.primitive.clone()), &plan).into_primitive().tensor();
+        let output = float_primitive(B::moe_permute(float_tensor(x.primitive.clone()), &plan));
         let output = match PermuteBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(plan, output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         };
-        Tensor::from_primitive(TensorPrimitive::Float(output))
+        float_tensor(output)
     }
 
     fn moe_combine(rows: Tensor<Self, 2>, weights: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
         let rows = rows.into_primitive().tensor();
         let weights = weights.into_primitive().tensor();
         let plan = plan.to_inner();
-        let output = B::moe_combine(float(rows.primitive.clone()), float(weights.primitive.clone()), &plan)
-            .into_primitive()
-            .tensor();
+        let output = float_primitive(B::moe_combine(
+            float_tensor(rows.primitive.clone()),
+            float_tensor(weights.primitive.clone()),
+            &plan,
+        ));
         let output =
             match CombineBackward.prepare::<C>([rows.node.clone(), weights.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(mut prep) => {
@@ -90,7 +93,7 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 }
                 OpsKind::UnTracked(prep) => prep.finish(output),
             };
-        Tensor::from_primitive(TensorPrimitive::Float(output))
+        float_tensor(output)
     }
 
     // Three custom-backward grouped matmuls: the `Segments` default would run the MLP per
@@ -104,11 +107,6 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     ) -> Tensor<Self, 2> {
         swiglu_by_grouped_matmuls(rows, gate, up, down, plan)
     }
-}
-
-/// Wraps an inner float primitive as a tensor.
-fn float<B: Backend, const D: usize>(primitive: B::FloatTensorPrimitive) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 #[derive(Debug)]
@@ -131,25 +129,27 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
         let GroupedMatmulState { rows, weights, plan } = ops.state;
         // A parent is present exactly when it is tracked, and the forward kept the other
         // operand for every tracked one.
-        let rows = rows.map(|id| float::<B, 2>(checkpointer.retrieve_node_output(id)));
-        let weights = weights.map(|id| float::<B, 3>(checkpointer.retrieve_node_output(id)));
-        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+        let rows = rows.map(|id| float_tensor::<B, 2>(checkpointer.retrieve_node_output(id)));
+        let weights = weights.map(|id| float_tensor::<B, 3>(checkpointer.retrieve_node_output(id)));
+        let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
 
         if let Some(parent) = weights_parent {
             let rows = rows.expect("the rows are kept when the weights are tracked");
             let grad_weights = B::moe_grouped_matmul_grad_weights(rows, grad.clone(), &plan);
-            grads.register::<B>(parent.id, grad_weights.into_primitive().tensor());
+            grads.register::<B>(parent.id, float_primitive(grad_weights));
         }
         if let Some(parent) = rows_parent {
             let weights = weights.expect("the weights are kept when the rows are tracked");
-            let grad_rows = B::moe_grouped_matmul_grad_rows(grad, weights, &plan);
-            grads.register::<B>(parent.id, grad_rows.into_primitive().tensor());
+            // The same grouped product on the weights' transposed view.
+            let grad_rows = B::moe_grouped_matmul(grad, weights.swap_dims(1, 2), &plan);
+            grads.register::<B>(parent.id, float_primitive(grad_rows));
         }
     }
 }
 
-/// The permute's backward: the rows' gradient summed back into their tokens, on the inner
-/// backend (a gather there, not burn's scatter-add backward of `select`).
+/// The permute's backward: the rows' gradient summed back into their tokens by the inner
+/// backend's combine with unit weights (kept pairs and non-padding rows correspond one to one),
+/// not burn's scatter-add backward of `select`.
 #[derive(Debug)]
 struct PermuteBackward;
 
@@ -158,9 +158,11 @@ impl<B: MoeBackend> Backward<B, 1> for PermuteBackward {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [parent] = ops.parents;
-        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+        let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
         if let Some(parent) = parent {
-            grads.register::<B>(parent.id, B::moe_permute_grad(grad, &ops.state).into_primitive().tensor());
+            let plan = ops.state;
+            let ones = Tensor::<B, 2>::ones([plan.tokens(), plan.top_k()], &grad.device());
+            grads.register::<B>(parent.id, float_primitive(B::moe_combine(grad, ones, &plan)));
         }
     }
 }
@@ -181,15 +183,15 @@ impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let [rows_parent, weights_parent] = ops.parents;
         let CombineState { rows, weights, plan } = ops.state;
-        let rows = float::<B, 2>(checkpointer.retrieve_node_output(rows));
-        let weights = float::<B, 2>(checkpointer.retrieve_node_output(weights));
-        let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+        let rows = float_tensor::<B, 2>(checkpointer.retrieve_node_output(rows));
+        let weights = float_tensor::<B, 2>(checkpointer.retrieve_node_output(weights));
+        let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
         let (grad_rows, grad_weights) = B::moe_combine_grad(rows, weights, grad, &plan);
         if let Some(parent) = rows_parent {
-            grads.register::<B>(parent.id, grad_rows.into_primitive().tensor());
+            grads.register::<B>(parent.id, float_primitive(grad_rows));
         }
         if let Some(parent) = weights_parent {
-            grads.register::<B>(parent.id, grad_weights.into_primitive().tensor());
+            grads.register::<B>(parent.id, float_primitive(grad_weights));
         }
     }
 }

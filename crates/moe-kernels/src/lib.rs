@@ -47,7 +47,8 @@ pub mod portable;
 pub use error::KernelError;
 pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
 
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
 
 /// The MoE operations a backend may specialise. Every method has a portable default.
 ///
@@ -88,20 +89,11 @@ pub trait MoeBackend: Backend {
         portable::grouped_matmul(rows, weights, plan)
     }
 
-    /// Gradient of [`MoeBackend::moe_grouped_matmul`] with respect to `rows`: each expert's
-    /// segment of `grad` `[rows, b]` times `weights[e]^T` (`weights`: `[E, a, b]`); returns
-    /// rows `[rows, a]` in the same layout. `Autodiff` calls it on the inner backend.
-    fn moe_grouped_matmul_grad_rows(
-        grad: Tensor<Self, 2>,
-        weights: Tensor<Self, 3>,
-        plan: &DispatchPlan<Self>,
-    ) -> Tensor<Self, 2> {
-        portable::grouped_matmul_grad_rows(grad, weights, plan)
-    }
-
     /// Gradient of [`MoeBackend::moe_grouped_matmul`] with respect to `weights`: `[E, a, b]`,
     /// `out[e] = rows_e^T grad_e` over expert `e`'s segment of `rows` `[rows, a]` and `grad`
-    /// `[rows, b]`; zeros for an expert without rows. `Autodiff` calls it on the inner backend.
+    /// `[rows, b]`; zeros for an expert without rows. `Autodiff` calls it on the inner backend;
+    /// the gradient with respect to `rows` is this method's product on `weights`' transposed
+    /// view.
     fn moe_grouped_matmul_grad_weights(
         rows: Tensor<Self, 2>,
         grad: Tensor<Self, 2>,
@@ -130,15 +122,10 @@ pub trait MoeBackend: Backend {
         portable::combine(rows, weights, plan)
     }
 
-    /// Gradient of [`MoeBackend::moe_permute`] w.r.t. its input: `grad_rows` `[rows, d]` summed
-    /// back into the tokens, `[T, d]`.
-    fn moe_permute_grad(grad_rows: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
-        portable::permute_grad(grad_rows, plan)
-    }
-
     /// Gradients of [`MoeBackend::moe_combine`] from `grad_out` `[T, d]`: w.r.t. `rows`
     /// (`[rows, d]`, each row's pair weight times its token's gradient) and w.r.t. `weights`
-    /// (`[T, K]`, in the weights' dtype).
+    /// (`[T, K]`, in the weights' dtype). The permute's gradient is the combine itself with
+    /// unit weights (kept pairs and non-padding rows correspond one to one).
     fn moe_combine_grad(
         rows: Tensor<Self, 2>,
         weights: Tensor<Self, 2>,
@@ -147,4 +134,14 @@ pub trait MoeBackend: Backend {
     ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
         portable::combine_grad(rows, weights, grad_out, plan)
     }
+}
+
+/// A float primitive as a tensor: the custom backward ops and the kernels work on primitives.
+pub(crate) fn float_tensor<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// A float tensor's primitive.
+pub(crate) fn float_primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
+    tensor.into_primitive().tensor()
 }

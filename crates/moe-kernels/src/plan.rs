@@ -109,40 +109,35 @@ impl<B: Backend> DispatchPlan<B> {
     }
 }
 
-impl<B: AutodiffBackend> DispatchPlan<B> {
-    /// The same plan on the inner backend, for a backward that runs there. Only int tensors,
-    /// which autodiff does not track, so nothing is detached.
-    pub(crate) fn to_inner(&self) -> DispatchPlan<B::InnerBackend> {
+impl<B: Backend> DispatchPlan<B> {
+    /// The same plan with its device tensors moved by `f` to backend `C`.
+    fn map_tensors<C: Backend>(self, f: impl Fn(Tensor<B, 1, Int>) -> Tensor<C, 1, Int>) -> DispatchPlan<C> {
         DispatchPlan {
             tokens: self.tokens,
             top_k: self.top_k,
             num_experts: self.num_experts,
             capacity: self.capacity,
             layout: self.layout,
-            segment_rows: self.segment_rows.clone(),
-            row_of_pair: self.row_of_pair.clone().inner(),
-            source_of_row: self.source_of_row.clone().inner(),
-            counts_device: self.counts_device.clone().inner(),
-            counts: self.counts.clone(),
+            segment_rows: self.segment_rows,
+            row_of_pair: f(self.row_of_pair),
+            source_of_row: f(self.source_of_row),
+            counts_device: f(self.counts_device),
+            counts: self.counts,
             dropped: self.dropped,
         }
     }
+}
 
-    /// A plan made on the inner backend, for this autodiff backend (the inverse of
-    /// [`Self::to_inner`]).
+// The plan holds int tensors only, which autodiff does not track: moving it between an
+// autodiff backend and its inner backend detaches nothing.
+impl<B: AutodiffBackend> DispatchPlan<B> {
+    /// The same plan on the inner backend, for a backward that runs there.
+    pub(crate) fn to_inner(&self) -> DispatchPlan<B::InnerBackend> {
+        self.clone().map_tensors(Tensor::inner)
+    }
+
+    /// A plan made on the inner backend, for this autodiff backend.
     pub(crate) fn from_inner(plan: DispatchPlan<B::InnerBackend>) -> Self {
-        DispatchPlan {
-            tokens: plan.tokens,
-            top_k: plan.top_k,
-            num_experts: plan.num_experts,
-            capacity: plan.capacity,
-            layout: plan.layout,
-            segment_rows: plan.segment_rows,
-            row_of_pair: Tensor::from_inner(plan.row_of_pair),
-            source_of_row: Tensor::from_inner(plan.source_of_row),
-            counts_device: Tensor::from_inner(plan.counts_device),
-            counts: plan.counts,
-            dropped: plan.dropped,
-        }
+        plan.map_tensors(Tensor::from_inner)
     }
 }

@@ -174,15 +174,6 @@ pub fn grouped_matmul<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 3>, pla
     }
 }
 
-/// See [`crate::MoeBackend::moe_grouped_matmul_grad_rows`].
-pub fn grouped_matmul_grad_rows<B: Backend>(
-    grad: Tensor<B, 2>,
-    weights: Tensor<B, 3>,
-    plan: &DispatchPlan<B>,
-) -> Tensor<B, 2> {
-    grouped_matmul(grad, weights.swap_dims(1, 2), plan)
-}
-
 /// See [`crate::MoeBackend::moe_grouped_matmul_grad_weights`].
 pub fn grouped_matmul_grad_weights<B: Backend>(
     rows: Tensor<B, 2>,
@@ -300,7 +291,7 @@ pub fn combine<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &Dis
 }
 
 /// `[rows]`: the weight of the pair each dispatch row holds (0 for padding rows).
-pub(crate) fn row_weights<B: Backend>(
+fn row_weights<B: Backend>(
     weights: Tensor<B, 2>,
     plan: &DispatchPlan<B>,
     rows_total: usize,
@@ -313,15 +304,9 @@ pub(crate) fn row_weights<B: Backend>(
         .narrow(0, 0, rows_total)
 }
 
-/// See [`crate::MoeBackend::moe_permute_grad`]: the combine with unit weights (kept pairs and
-/// non-padding rows correspond one to one).
-pub fn permute_grad<B: Backend>(grad_rows: Tensor<B, 2>, plan: &DispatchPlan<B>) -> Tensor<B, 2> {
-    let ones = Tensor::<B, 2>::ones([plan.tokens, plan.top_k], &grad_rows.device());
-    combine(grad_rows, ones, plan)
-}
-
-/// See [`crate::MoeBackend::moe_combine_grad`].
-pub fn combine_grad<B: Backend>(
+/// See [`crate::MoeBackend::moe_combine_grad`]: the rows' part through the backend's own
+/// permute.
+pub fn combine_grad<B: MoeBackend>(
     rows: Tensor<B, 2>,
     weights: Tensor<B, 2>,
     grad_out: Tensor<B, 2>,
@@ -329,13 +314,13 @@ pub fn combine_grad<B: Backend>(
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let rows_total = rows.dims()[0];
     let row_weight = row_weights(weights.clone(), plan, rows_total, grad_out.dtype());
-    let grad_rows = permute(grad_out.clone(), plan) * row_weight.reshape([rows_total, 1]);
+    let grad_rows = B::moe_permute(grad_out.clone(), plan) * row_weight.reshape([rows_total, 1]);
     (grad_rows, combine_grad_weights(rows, weights, grad_out, plan))
 }
 
 /// The weights' part of [`combine_grad`]: `d weights[t, k] = <rows[row of (t, k)], grad_out[t]>`,
 /// summed in f32.
-pub(crate) fn combine_grad_weights<B: Backend>(
+fn combine_grad_weights<B: Backend>(
     rows: Tensor<B, 2>,
     weights: Tensor<B, 2>,
     grad_out: Tensor<B, 2>,

@@ -95,7 +95,7 @@ impl ShardedModel {
         let (flat, aux) = layer.route(x)?;
         let ep = ExpertParallelMoe::view_of(layer, self.placement)?;
         // One host read of every rank's ids (the dispatch sizes its messages from them).
-        let ids: Vec<usize> = aux.expert_ids.clone().into_data().iter::<i64>().map(|e| e as usize).collect();
+        let ids = RoutedTokens::host_ids(aux.expert_ids.clone());
         let k = aux.expert_ids.dims()[1];
         // Whole sequences per rank, as data-parallel ranks would hold them.
         let rows = batch / ranks * seq;

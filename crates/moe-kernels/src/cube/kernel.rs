@@ -511,15 +511,12 @@ pub(crate) fn rank_in_expert<I: Int>(ids: &Tensor<I>, rank: &mut Tensor<I>, #[de
 /// Units per cube of the row kernels (one output element each).
 pub(crate) const ROW_UNITS: u32 = 256;
 
-/// `out[r] = scale[r] * x[source[r] - 1]`, a zero row where `source[r]` is 0 (padding);
-/// `scale` is read only when `scaled`. The permute (unscaled) and the combine's row gradient.
+/// `out[r] = x[source[r] - 1]`, a zero row where `source[r]` is 0 (padding): the permute.
 #[cube(launch)]
 pub(crate) fn gather_rows<F: Float, I: Int>(
     x: &Tensor<F>,
     source: &Tensor<I>,
-    scale: &Tensor<F>,
     out: &mut Tensor<F>,
-    #[comptime] scaled: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let idx = ABSOLUTE_POS;
@@ -533,9 +530,6 @@ pub(crate) fn gather_rows<F: Float, I: Int>(
     let mut value = F::new(0.0);
     if s > 0 {
         value = x[(s - 1) * x.stride(0) + j * x.stride(1)];
-        if comptime!(scaled) {
-            value *= scale[r];
-        }
     }
     out[idx] = value;
 }

@@ -10,7 +10,7 @@
 mod kernel;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
+use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata, backend::Backend};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -26,7 +26,9 @@ use kernel::{
     units,
 };
 
-use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, portable};
+use crate::{
+    CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor, portable,
+};
 
 /// The kernels on a backend's primitives: the two grouped products, given the rows each
 /// expert owns (`segment_rows`, host), the in-expert ranks of the dispatch plan, the row
@@ -45,13 +47,8 @@ pub trait MoeCubeKernels: Backend {
     /// See [`crate::portable::RankInExpert`]: `ids` `[N]`, every id in `0..num_experts`.
     fn rank_in_expert(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
 
-    /// `out[r] = scale[r] * x[source[r] - 1]` (`[rows, d]`), a zero row where `source[r]` is 0;
-    /// unscaled without `scale`.
-    fn gather_rows(
-        x: FloatTensor<Self>,
-        source: IntTensor<Self>,
-        scale: Option<FloatTensor<Self>>,
-    ) -> FloatTensor<Self>;
+    /// `out[r] = x[source[r] - 1]` (`[rows, d]`), a zero row where `source[r]` is 0.
+    fn gather_rows(x: FloatTensor<Self>, source: IntTensor<Self>) -> FloatTensor<Self>;
 
     /// `out[t] = sum_k weights[t, k] rows[row_of_pair[t K + k]]` (`[T, d]`), dropped pairs
     /// (rows past the end) skipped; `weights` in the rows' dtype.
@@ -88,7 +85,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         out
     }
 
-    fn gather_rows(x: CubeTensor<R>, source: CubeTensor<R>, scale: Option<CubeTensor<R>>) -> CubeTensor<R> {
+    fn gather_rows(x: CubeTensor<R>, source: CubeTensor<R>) -> CubeTensor<R> {
         let shape = Shape::new([source.meta.shape()[0], x.meta.shape()[1]]);
         let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
         let elements = out.meta.num_elements();
@@ -97,17 +94,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         }
         let source = into_contiguous(source);
         let dtypes = [x.dtype.into(), source.dtype.into()];
-        let scaled = scale.is_some();
-        let scale = scale.map(into_contiguous).unwrap_or_else(|| x.clone());
         gather_rows::launch(
             &x.client,
             row_cubes(elements),
             CubeDim::new_1d(ROW_UNITS),
             x.clone().into_tensor_arg(),
             source.into_tensor_arg(),
-            scale.into_tensor_arg(),
             out.clone().into_tensor_arg(),
-            scaled,
             dtypes,
         );
         out
@@ -215,7 +208,7 @@ pub fn launch_rows<R: CubeRuntime>(
     }
     let cmma = tensor_cores(&rows);
     let (ws, rs) = (weights.meta.strides(), rows.meta.strides());
-    let aligned = |stride: usize| stride % 16 == 0;
+    let aligned = |stride: usize| stride.is_multiple_of(16);
     let b_row_major = ws[2] == 1 && aligned(ws[1]);
     let b_col_major = ws[1] == 1 && aligned(ws[2]);
     let direct = Direct {
@@ -275,7 +268,7 @@ pub fn launch_weight_grad<R: CubeRuntime>(
     let (tile_m, tile_n) = tile_shape();
     let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
     let direct = Direct {
-        usable: cmma && rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], b].iter().all(|s| s % 16 == 0),
+        usable: cmma && rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], b].iter().all(|s| s.is_multiple_of(16)),
         b_col_major: false,
     };
     let tiles = u32_tensor(&rows, &offsets);
@@ -304,14 +297,6 @@ fn u32_tensor<R: CubeRuntime>(like: &CubeTensor<R>, values: &[u32]) -> CubeTenso
     CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::new([values.len()]), handle, DType::U32)
 }
 
-fn float<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
-    tensor.into_primitive().tensor()
-}
-
-fn tensor<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
-}
-
 /// The `MoeBackend` methods of a backend with [`MoeCubeKernels`]: the cube backends and their
 /// fusion wrappers share them (one impl each, as the two types cannot share a blanket impl).
 macro_rules! cube_moe_methods {
@@ -332,7 +317,7 @@ macro_rules! cube_moe_methods {
             if !kernels_enabled() {
                 return portable::permute(x, plan);
             }
-            tensor(Self::gather_rows(float(x), plan.source_of_row.clone().into_primitive(), None))
+            float_tensor(Self::gather_rows(float_primitive(x), plan.source_of_row.clone().into_primitive()))
         }
 
         fn moe_combine(rows: Tensor<Self, 2>, weights: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
@@ -341,27 +326,7 @@ macro_rules! cube_moe_methods {
             }
             let weights = weights.cast(rows.dtype());
             let row_of_pair = plan.row_of_pair.clone().into_primitive();
-            tensor(Self::combine_rows(float(rows), row_of_pair, float(weights)))
-        }
-
-        fn moe_permute_grad(grad_rows: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
-            let ones = Tensor::<Self, 2>::ones([plan.tokens(), plan.top_k()], &grad_rows.device());
-            Self::moe_combine(grad_rows, ones, plan)
-        }
-
-        fn moe_combine_grad(
-            rows: Tensor<Self, 2>,
-            weights: Tensor<Self, 2>,
-            grad_out: Tensor<Self, 2>,
-            plan: &DispatchPlan<Self>,
-        ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
-            if !kernels_enabled() {
-                return portable::combine_grad(rows, weights, grad_out, plan);
-            }
-            let row_weight = portable::row_weights(weights.clone(), plan, rows.dims()[0], grad_out.dtype());
-            let source = plan.source_of_row.clone().into_primitive();
-            let grad_rows = tensor(Self::gather_rows(float(grad_out.clone()), source, Some(float(row_weight))));
-            (grad_rows, portable::combine_grad_weights(rows, weights, grad_out, plan))
+            float_tensor(Self::combine_rows(float_primitive(rows), row_of_pair, float_primitive(weights)))
         }
 
         fn moe_grouped_matmul(
@@ -372,15 +337,7 @@ macro_rules! cube_moe_methods {
             if !kernels_enabled() {
                 return portable::grouped_matmul(rows, weights, plan);
             }
-            tensor(Self::grouped_gemm(float(rows), float(weights), plan.segment_rows()))
-        }
-
-        fn moe_grouped_matmul_grad_rows(
-            grad: Tensor<Self, 2>,
-            weights: Tensor<Self, 3>,
-            plan: &DispatchPlan<Self>,
-        ) -> Tensor<Self, 2> {
-            Self::moe_grouped_matmul(grad, weights.swap_dims(1, 2), plan)
+            float_tensor(Self::grouped_gemm(float_primitive(rows), float_primitive(weights), plan.segment_rows()))
         }
 
         fn moe_grouped_matmul_grad_weights(
@@ -391,7 +348,11 @@ macro_rules! cube_moe_methods {
             if !kernels_enabled() {
                 return portable::grouped_matmul_grad_weights(rows, grad, plan);
             }
-            tensor(Self::grouped_gemm_weight_grad(float(rows), float(grad), plan.segment_rows()))
+            float_tensor(Self::grouped_gemm_weight_grad(
+                float_primitive(rows),
+                float_primitive(grad),
+                plan.segment_rows(),
+            ))
         }
 
         fn moe_grouped_swiglu(
@@ -419,10 +380,12 @@ enum Kernel {
     Rows(Vec<usize>),
     /// Inputs: rows, gradient.
     WeightGrad(Vec<usize>),
-    /// Inputs: x, source (int), and the scale when `true`.
-    Gather(bool),
+    /// Inputs: x, source (int).
+    Gather,
     /// Inputs: rows, row_of_pair (int), weights.
     Combine,
+    /// Inputs: ids (int), over this many experts; the output is int.
+    Rank(usize),
 }
 
 impl Kernel {
@@ -430,8 +393,9 @@ impl Kernel {
         match self {
             Self::Rows(_) => "moe_grouped_gemm",
             Self::WeightGrad(_) => "moe_grouped_gemm_weight_grad",
-            Self::Gather(_) => "moe_gather_rows",
+            Self::Gather => "moe_gather_rows",
             Self::Combine => "moe_combine_rows",
+            Self::Rank(_) => "moe_rank_in_expert",
         }
     }
 }
@@ -447,41 +411,31 @@ struct KernelOp<B> {
 
 impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp<B> {
     fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
-        let out = &self.desc.outputs[0];
+        let out = self.desc.outputs[0].id;
         let inputs = &self.desc.inputs;
+        let float = |handles: &mut HandleContainer<_>, i: usize| handles.get_float_tensor::<B>(&inputs[i]);
+        let int = |handles: &mut HandleContainer<_>, i: usize| handles.get_int_tensor::<B>(&inputs[i]);
         let result = match &self.kernel {
-            Kernel::Rows(segments) => B::grouped_gemm(
-                handles.get_float_tensor::<B>(&inputs[0]),
-                handles.get_float_tensor::<B>(&inputs[1]),
-                segments,
-            ),
-            Kernel::WeightGrad(segments) => B::grouped_gemm_weight_grad(
-                handles.get_float_tensor::<B>(&inputs[0]),
-                handles.get_float_tensor::<B>(&inputs[1]),
-                segments,
-            ),
-            Kernel::Gather(scaled) => B::gather_rows(
-                handles.get_float_tensor::<B>(&inputs[0]),
-                handles.get_int_tensor::<B>(&inputs[1]),
-                scaled.then(|| handles.get_float_tensor::<B>(&inputs[2])),
-            ),
-            Kernel::Combine => B::combine_rows(
-                handles.get_float_tensor::<B>(&inputs[0]),
-                handles.get_int_tensor::<B>(&inputs[1]),
-                handles.get_float_tensor::<B>(&inputs[2]),
-            ),
+            Kernel::Rows(segments) => B::grouped_gemm(float(handles, 0), float(handles, 1), segments),
+            Kernel::WeightGrad(segments) => B::grouped_gemm_weight_grad(float(handles, 0), float(handles, 1), segments),
+            Kernel::Gather => B::gather_rows(float(handles, 0), int(handles, 1)),
+            Kernel::Combine => B::combine_rows(float(handles, 0), int(handles, 1), float(handles, 2)),
+            Kernel::Rank(experts) => {
+                let ranks = B::rank_in_expert(int(handles, 0), *experts);
+                return handles.register_int_tensor::<B>(&out, ranks);
+            }
         };
-        handles.register_float_tensor::<B>(&out.id, result);
+        handles.register_float_tensor::<B>(&out, result);
     }
 }
 
-/// Registers `kernel(inputs)` with a float output of `shape` (the first input's dtype) in the
+/// Registers `kernel(inputs)` with an output of `shape` and the first input's dtype in the
 /// fusion stream.
 fn fused<B: FusionBackend + MoeCubeKernels>(
     kernel: Kernel,
     inputs: Vec<FusionTensor<B::FusionRuntime>>,
     shape: Shape,
-) -> FloatTensor<Fusion<B>> {
+) -> FusionTensor<B::FusionRuntime> {
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
     let out = TensorIr::uninit(client.create_empty_handle(), shape, inputs[0].dtype);
@@ -489,22 +443,6 @@ fn fused<B: FusionBackend + MoeCubeKernels>(
     let desc = CustomOpIr::new(kernel.name(), &irs, &[out]);
     let op = KernelOp::<B> { desc: desc.clone(), kernel, _backend: std::marker::PhantomData };
     client.register(streams, OperationIr::Custom(desc), op).output()
-}
-
-/// The in-expert ranks as an operation in burn-fusion's stream.
-#[derive(Debug, Clone)]
-struct RankOp<B> {
-    desc: CustomOpIr,
-    num_experts: usize,
-    _backend: std::marker::PhantomData<B>,
-}
-
-impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for RankOp<B> {
-    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
-        let ([ids], [out]) = self.desc.as_fixed();
-        let ids = handles.get_int_tensor::<B>(ids);
-        handles.register_int_tensor::<B>(&out.id, B::rank_in_expert(ids, self.num_experts));
-    }
 }
 
 impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
@@ -523,23 +461,13 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
     }
 
     fn rank_in_expert(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self> {
-        let client = ids.client.clone();
-        let streams = OperationStreams::with_inputs([&ids]);
-        let out = TensorIr::uninit(client.create_empty_handle(), ids.shape.clone(), ids.dtype);
-        let desc = CustomOpIr::new("moe_rank_in_expert", &[ids.into_ir()], &[out]);
-        let op = RankOp::<B> { desc: desc.clone(), num_experts, _backend: std::marker::PhantomData };
-        client.register(streams, OperationIr::Custom(desc), op).output()
+        let shape = ids.shape.clone();
+        fused::<B>(Kernel::Rank(num_experts), vec![ids], shape)
     }
 
-    fn gather_rows(
-        x: FloatTensor<Self>,
-        source: IntTensor<Self>,
-        scale: Option<FloatTensor<Self>>,
-    ) -> FloatTensor<Self> {
+    fn gather_rows(x: FloatTensor<Self>, source: IntTensor<Self>) -> FloatTensor<Self> {
         let shape = Shape::new([source.shape[0], x.shape[1]]);
-        let scaled = scale.is_some();
-        let inputs = [Some(x), Some(source), scale].into_iter().flatten().collect();
-        fused::<B>(Kernel::Gather(scaled), inputs, shape)
+        fused::<B>(Kernel::Gather, vec![x, source], shape)
     }
 
     fn combine_rows(

@@ -70,6 +70,14 @@ pub struct RoutedTokens<B: Backend> {
     pub weights: Tensor<B, 2>,
 }
 
+impl<B: Backend> RoutedTokens<B> {
+    /// Expert ids `[T, K]` read to the host, token-major, as [`RoutedTokens::expert_ids`] holds
+    /// them: one transfer, so read all ranks' ids at once where they were routed together.
+    pub fn host_ids(expert_ids: Tensor<B, 2, Int>) -> Vec<usize> {
+        expert_ids.into_data().iter::<i64>().map(|e| e as usize).collect()
+    }
+}
+
 /// What a rank keeps between its dispatch and its combine.
 pub(super) struct Dispatched<B: Backend> {
     x: Tensor<B, 2>,
@@ -250,7 +258,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             return self.empty_dispatch(rank, x);
         }
         let routing = self.router.forward(x.clone());
-        let expert_ids = routing.expert_ids.into_data().iter::<i64>().map(|e| e as usize).collect();
+        let expert_ids = RoutedTokens::host_ids(routing.expert_ids);
         self.dispatch_routed(rank, RoutedTokens { x, expert_ids, weights: routing.weights })
     }
 
@@ -518,7 +526,7 @@ mod tests {
         let want = params(&grads);
 
         let (flat, aux) = layer.route(x).unwrap();
-        let ids: Vec<usize> = aux.expert_ids.clone().into_data().iter::<i64>().map(|e| e as usize).collect();
+        let ids = RoutedTokens::host_ids(aux.expert_ids.clone());
         let ep = ExpertParallelMoe::view_of(&layer, Placement::new(8, 4, 2).unwrap()).unwrap();
         let split = [6, 2, 3, 7];
         let mut start = 0;
