@@ -12,6 +12,7 @@
 #   benches/gpu/run-h200.sh train OUT    # training tokens/s (MoE small, then dense)
 #   benches/gpu/run-h200.sh dsv3bwd OUT  # DeepSeek-V3 fwd+bwd
 #   benches/gpu/run-h200.sh kernels OUT  # kernel tests on CUDA and on NVIDIA's Vulkan (wgpu), tile sweep
+#   benches/gpu/run-h200.sh stages OUT   # the layer forward's pieces timed one at a time
 # `kernels` also needs the test binaries, built here with
 #   CARGO_TARGET_DIR=... cargo test --release -p moe-kernels --features cuda,wgpu --test cube_kernels --test layouts --no-run
 # and copied into .gpu-bin/ as cube_kernels and layouts, and the Vulkan loader debs in .gl/
@@ -51,7 +52,7 @@ bench)
     ;;
 train)
     steps=${STEPS:-40}
-    for arm in moe dense; do
+    for arm in ${ARMS:-moe dense}; do
         extra=()
         if [ "$arm" = dense ]; then
             extra=(--set model.first_k_dense_replace=8 --set model.intermediate_size=2048)
@@ -67,6 +68,13 @@ train)
         cp "/tmp/run-$arm/metrics.jsonl" "$out/train-$arm.jsonl" 2>/dev/null
     done
     ;;
+stages)
+    # The forward's pieces one at a time (moe-gpu-bench --what stages), beside the whole layer.
+    for shape in small dsv3; do
+        timeout "${STAGES_TIMEOUT:-150}" "$bin/moe-gpu-bench" --shape $shape --mode fwd --tokens "${STAGE_TOKENS:-4096,8192}" \
+            --what layer,router,stages --warmup 2 --reps 5 --out "$out/stages-$shape.jsonl"
+    done
+    ;;
 dsv3bwd)
     "$bin/xtask" bench --backend cuda --prebuilt "$bin" --shapes dsv3 --modes fwdbwd --skip-torch \
         --out "$out/bench" --timeout "${DSV3_BWD_TIMEOUT:-200}"
@@ -75,10 +83,13 @@ kernels)
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$out/env.txt" 2>&1
     RUST_BACKTRACE=1 timeout 180 "$bin/cube_kernels" --nocapture --test-threads 1 on_cuda >"$out/kernels-cuda.txt" 2>&1
     echo "cuda kernel tests: exit $?"; grep -E "^test |relative error|tensor-core" "$out/kernels-cuda.txt" | head -80
+    # Tile sweep: TILES lists tile:warp pairs (MOE_GEMM_TILE and MOE_GEMM_WARP).
     for shape in dsv3 small; do
-        for tile in ${TILES:-64x64 128x64 64x128 128x128}; do
-            MOE_GEMM_TILE=$tile timeout 90 "$bin/moe-gpu-bench" --shape $shape --mode fwd --tokens ${GEMM_TOKENS:-8192} \
-                --what gemm,gemm_wgrad --warmup 2 --reps 5 --out "$out/gemm-$shape-$tile.jsonl" | sed "s/^/$tile /"
+        for cfg in ${TILES:-64x64:32x32 128x128:64x64 128x128:64x32 128x64:64x32 64x128:32x64}; do
+            tile=${cfg%%:*} warp=${cfg#*:}
+            MOE_GEMM_TILE=$tile MOE_GEMM_WARP=$warp timeout 90 "$bin/moe-gpu-bench" --shape $shape --mode fwd \
+                --tokens ${GEMM_TOKENS:-8192} --what gemm,gemm_wgrad --warmup 2 --reps 5 \
+                --out "$out/gemm-$shape-$tile-$warp.jsonl" | sed "s/^/$cfg /"
         done
     done
     # NVIDIA's Vulkan through wgpu: the loader comes from .gl/; keep the first panic's backtrace.
@@ -94,7 +105,7 @@ kernels)
     fi
     ;;
 *)
-    echo "usage: $0 bench|train|dsv3bwd|kernels OUT" >&2
+    echo "usage: $0 bench|train|dsv3bwd|kernels|stages OUT" >&2
     exit 2
     ;;
 esac

@@ -21,6 +21,10 @@
 //! - `gemm`: the grouped GEMM kernel alone (`moe_kernels::cube`), `[T K, d] x [E, d, h]` with
 //!   every expert owning `T K / E` rows (balanced routing), forward only; `gemm_wgrad`: its
 //!   weight-gradient product `[T K, d]^T [T K, h]` per expert. `MOE_GEMM_TILE` picks the tile.
+//! - `stages`: the forward's pieces one at a time on the same routing, so their sum can be set
+//!   against the `layer` row: `select` and `count` (the router's selection and per-expert
+//!   counts alone), `plan`, `permute`,
+//!   `swiglu` (the grouped expert MLPs), `combine`, `shared` (the shared experts).
 //! - `mm8192`: a plain bf16 8192^3 matmul through burn (once, forward mode), against PyTorch's
 //!   `bf16_matmul_tflops`.
 
@@ -89,7 +93,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: moe-gpu-bench --shape dsv3|small --mode fwd|fwdbwd [--tokens 4096,8192,16384] \
-         [--what layer,dense,router,gemm,gemm_wgrad,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]"
+         [--what layer,dense,router,stages,gemm,gemm_wgrad,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]"
     );
     std::process::exit(2)
 }
@@ -260,6 +264,46 @@ fn time_grouped_gemm(args: &Args, t: usize, weight_grad: bool) -> (f64, Vec<f64>
     (first, ms, 2.0 * (rows * sh.d * sh.h) as f64)
 }
 
+/// The `stages` rows: each piece of the layer's forward timed alone, on one routing of `t`
+/// random tokens.
+fn time_stages(args: &Args, device: &burn::tensor::Device<G>, t: usize) {
+    use moe_kernels::{CapacityLimit, MoeBackend};
+    let sh = args.shape;
+    let layer = sh.layer::<G>(device);
+    let x = Tensor::<G, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), device);
+    let routing = layer.router.forward_with(x.clone(), G::moe_select_experts, G::moe_expert_counts);
+    let choice = routing.scores.clone() + layer.router.bias().reshape([1, sh.e]);
+    let selection = layer.router.selection();
+    let plan = G::moe_plan(routing.expert_ids.clone(), None, sh.e, CapacityLimit::Dropless).expect("valid plan");
+    let rows = G::moe_permute(x.clone(), &plan);
+    let bank = &layer.experts;
+    let (gate, up, down) = (bank.gate.val(), bank.up.val(), bank.down.val());
+    let y = G::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan);
+    let emit_stage = |what, (first_ms, ms)| {
+        emit(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, first_ms, ms });
+    };
+    let (w, r) = (args.warmup, args.reps);
+    emit_stage("select", time::<G, _>(device, w, r, || G::moe_select_experts(choice.clone(), &selection)));
+    emit_stage("count", time::<G, _>(device, w, r, || G::moe_expert_counts(routing.expert_ids.clone(), sh.e)));
+    emit_stage(
+        "plan",
+        time::<G, _>(device, w, r, || {
+            G::moe_plan(routing.expert_ids.clone(), None, sh.e, CapacityLimit::Dropless).expect("valid plan")
+        }),
+    );
+    emit_stage("permute", time::<G, _>(device, w, r, || G::moe_permute(x.clone(), &plan)));
+    emit_stage(
+        "swiglu",
+        time::<G, _>(device, w, r, || {
+            G::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan)
+        }),
+    );
+    emit_stage("combine", time::<G, _>(device, w, r, || G::moe_combine(y.clone(), routing.weights.clone(), &plan)));
+    if let Some(shared) = &layer.shared {
+        emit_stage("shared", time::<G, _>(device, w, r, || shared.forward(x.clone())));
+    }
+}
+
 fn main() {
     let args = parse_args();
     let device = Default::default();
@@ -316,12 +360,19 @@ fn main() {
         if wants("router") && fwd {
             let layer = sh.layer::<G>(&device);
             let x = Tensor::<G, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-            let (first, ms) = time::<G, _>(&device, args.warmup, args.reps, || layer.router.forward(x.clone()));
+            let (first, ms) = time::<G, _>(&device, args.warmup, args.reps, || {
+                use moe_kernels::MoeBackend;
+                layer.router.forward_with(x.clone(), G::moe_select_experts, G::moe_expert_counts)
+            });
             emit(
                 &args,
                 Row { shape: sh.name, tokens: t, mode: "fwd", what: "router", flops: 0.0, first_ms: first, ms },
             );
             drop(layer);
+            G::memory_cleanup(&device);
+        }
+        if wants("stages") && fwd {
+            time_stages(&args, &device, t);
             G::memory_cleanup(&device);
         }
         if wants("dense") {

@@ -217,14 +217,14 @@ impl<B: MoeBackend> MoeLayer<B> {
     }
 }
 
-impl<B: Backend> MoeLayer<B> {
+impl<B: MoeBackend> MoeLayer<B> {
     /// The gate's half of [`MoeLayer::forward`]: `x` `[batch, seq, d]` flattened to
     /// `[batch * seq, d]`, and the auxiliary record (routing, loads, losses; `dropped` 0).
     /// For callers that run the experts elsewhere, e.g. sharded over ranks.
     pub fn route(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 2>, MoeAux<B>), MoeError> {
         let dtype = x.dtype();
         let (flat, dims) = self.flatten(x)?;
-        let routing = self.router.forward(flat.clone());
+        let routing = self.router.forward_with(flat.clone(), B::moe_select_experts, B::moe_expert_counts);
         let weighted = |alpha: f64| (alpha > 0.0).then_some(alpha);
         // Computed in f32 with the router; handed back in the model's dtype so they add to
         // its loss.

@@ -9,6 +9,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::{Int, Tensor};
+use moe_router::Selection;
 
 use crate::portable::swiglu_by_grouped_matmuls;
 use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor};
@@ -28,6 +29,15 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         limit: CapacityLimit,
     ) -> Result<DispatchPlan<Self>, KernelError> {
         B::moe_plan(expert_ids.inner(), priority.map(Tensor::inner), num_experts, limit).map(DispatchPlan::from_inner)
+    }
+
+    // Ids carry no gradient: the inner backend selects on the untracked scores.
+    fn moe_select_experts(choice: Tensor<Self, 2>, selection: &Selection) -> Tensor<Self, 2, Int> {
+        Tensor::from_primitive(B::moe_select_experts(choice.inner(), selection).into_primitive())
+    }
+
+    fn moe_expert_counts(expert_ids: Tensor<Self, 2, Int>, num_experts: usize) -> Tensor<Self, 1, Int> {
+        Tensor::from_primitive(B::moe_expert_counts(expert_ids.inner(), num_experts).into_primitive())
     }
 
     fn moe_grouped_matmul(

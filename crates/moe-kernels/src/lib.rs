@@ -49,6 +49,7 @@ pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
+use moe_router::Selection;
 
 /// The MoE operations a backend may specialise. Every method has a portable default.
 ///
@@ -72,6 +73,18 @@ pub trait MoeBackend: Backend {
         limit: CapacityLimit,
     ) -> Result<DispatchPlan<Self>, KernelError> {
         portable::plan(expert_ids, priority, num_experts, limit, Self::LAYOUT)
+    }
+
+    /// The router's expert selection on the biased scores `choice` `[T, E]` (f32, detached):
+    /// must return exactly [`Selection::select`]'s ids, which is the default.
+    fn moe_select_experts(choice: Tensor<Self, 2>, selection: &Selection) -> Tensor<Self, 2, Int> {
+        selection.select(choice)
+    }
+
+    /// Pairs per expert of `expert_ids` `[T, K]` (ids in `0..num_experts`): the router's
+    /// counts. The default is a scatter-add.
+    fn moe_expert_counts(expert_ids: Tensor<Self, 2, Int>, num_experts: usize) -> Tensor<Self, 1, Int> {
+        moe_router::count_experts(expert_ids, num_experts)
     }
 
     /// Gathers token rows `x` `[T, d]` into the plan's dispatch layout.

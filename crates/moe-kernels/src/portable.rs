@@ -23,20 +23,29 @@ pub fn plan<B: Backend>(
     plan_with_ranks(expert_ids, priority, num_experts, limit, layout, None)
 }
 
-/// Ranks pairs inside their expert in token order: `rank(ids [N], E)[i]` = how many pairs
-/// before `i` chose expert `ids[i]`. A backend with a kernel for it passes it to
-/// [`plan_with_ranks`]; the portable plan sorts.
-pub type RankInExpert<B> = fn(Tensor<B, 1, Int>, usize) -> Tensor<B, 1, Int>;
+/// Kernels a backend may hand to [`plan_with_ranks`] in place of the portable ops (burn 0.21's
+/// 1-D `scatter` runs on one GPU thread, and its sort on the host).
+#[derive(Debug, Clone, Copy)]
+pub struct PlanKernels<B: Backend> {
+    /// Ranks pairs inside their expert in token order: `rank(ids [N], E)[i]` = how many pairs
+    /// before `i` chose expert `ids[i]` (ids all in `0..E`).
+    pub rank: fn(Tensor<B, 1, Int>, usize) -> Tensor<B, 1, Int>,
+    /// Pairs per expert: `count(ids [T, K], E)` `[E]` (ids all in `0..E`).
+    pub count: fn(Tensor<B, 2, Int>, usize) -> Tensor<B, 1, Int>,
+    /// `place(row_of_pair [T, K], rows)[r]` = 1 + the token of the pair placed at row `r`,
+    /// 0 for a row no pair fills (padding); pairs at rows `>= rows` (dropped) are skipped.
+    pub place: fn(Tensor<B, 2, Int>, usize) -> Tensor<B, 1, Int>,
+}
 
-/// [`plan`], with the in-expert ranks of the token-order case (no `priority`) computed by
-/// `rank` when given instead of by a sort.
+/// [`plan`], with the in-expert ranks of the token-order case (no `priority`), the counts and
+/// the row placement computed by a backend's `kernels` when given.
 pub fn plan_with_ranks<B: Backend>(
     expert_ids: Tensor<B, 2, Int>,
     priority: Option<Tensor<B, 2>>,
     num_experts: usize,
     limit: CapacityLimit,
     layout: DispatchLayout,
-    rank: Option<RankInExpert<B>>,
+    kernels: Option<PlanKernels<B>>,
 ) -> Result<DispatchPlan<B>, KernelError> {
     if num_experts == 0 {
         return Err(KernelError::NoExperts);
@@ -72,12 +81,10 @@ pub fn plan_with_ranks<B: Backend>(
     let flat = expert_ids.reshape([pairs]);
     // Clamped so that a bad id can never index out of bounds before it is reported.
     let clamped = flat.clone().clamp(0, num_experts as i64 - 1);
-    let counts_device = Tensor::<B, 1, Int>::zeros([num_experts], &device).scatter(
-        0,
-        clamped.clone(),
-        Tensor::ones([pairs], &device),
-        IndexingUpdateOp::Add,
-    );
+    let counts_device = match &kernels {
+        Some(k) => (k.count)(clamped.clone().reshape([tokens, top_k]), num_experts),
+        None => moe_router::count_experts(clamped.clone().reshape([tokens, top_k]), num_experts),
+    };
     // The one host sync: counts size the layout; min/max validate the ids on the way.
     let host: Vec<i64> =
         Tensor::cat(vec![counts_device.clone(), flat.clone().min(), flat.max()], 0).into_data().iter::<i64>().collect();
@@ -95,22 +102,22 @@ pub fn plan_with_ranks<B: Backend>(
     // At least one row per expert keeps every shape non-empty.
     let capacity = kept_per_expert.max(1);
 
-    let pair_index = Tensor::<B, 1, Int>::arange(0..pairs as i64, &device);
+    let pair_index = || Tensor::<B, 1, Int>::arange(0..pairs as i64, &device);
     // Inside an expert, pairs keep token order unless a priority says otherwise. Sort keys
     // are unique (expert * N + order), so the unstable sort is deterministic.
-    let rank = match (priority, rank) {
-        (None, Some(rank)) => rank(clamped.clone(), num_experts),
+    let rank = match (priority, &kernels) {
+        (None, Some(k)) => (k.rank)(clamped.clone(), num_experts),
         (priority, _) => {
             let order = match priority {
-                None => pair_index.clone(),
+                None => pair_index(),
                 // Position of each pair in descending priority.
-                Some(p) => inverse_scatter(p.reshape([pairs]).argsort_descending(0), pair_index.clone(), pairs),
+                Some(p) => inverse_scatter(p.reshape([pairs]).argsort_descending(0), pair_index(), pairs),
             };
             let key = clamped.clone().mul_scalar(pairs as i64).add(order);
             let sorted = key.argsort(0);
             let sorted_expert = clamped.clone().select(0, sorted.clone());
             let segment_start = counts_device.clone().cumsum(0).sub(counts_device.clone());
-            let rank_sorted = pair_index.clone().sub(segment_start.select(0, sorted_expert));
+            let rank_sorted = pair_index().sub(segment_start.select(0, sorted_expert));
             inverse_scatter(sorted, rank_sorted, pairs)
         }
     };
@@ -126,10 +133,15 @@ pub fn plan_with_ranks<B: Backend>(
     let kept = rank.clone().lower_elem(kept_per_expert as i64);
     // Dropped pairs point at the zero row after the last segment.
     let row_of_pair = start_of_expert.select(0, clamped).add(rank).mask_fill(kept.bool_not(), total_rows as i64);
-    let token_plus_one = pair_index.div_scalar(top_k as i64).add_scalar(1);
-    let source_of_row = Tensor::<B, 1, Int>::zeros([total_rows + 1], &device)
-        .scatter(0, row_of_pair.clone(), token_plus_one, IndexingUpdateOp::Add)
-        .narrow(0, 0, total_rows);
+    let source_of_row = match &kernels {
+        Some(k) => (k.place)(row_of_pair.clone().reshape([tokens, top_k]), total_rows),
+        None => {
+            let token_plus_one = pair_index().div_scalar(top_k as i64).add_scalar(1);
+            Tensor::<B, 1, Int>::zeros([total_rows + 1], &device)
+                .scatter(0, row_of_pair.clone(), token_plus_one, IndexingUpdateOp::Add)
+                .narrow(0, 0, total_rows)
+        }
+    };
 
     Ok(DispatchPlan {
         tokens,
@@ -312,8 +324,20 @@ pub fn combine_grad<B: MoeBackend>(
     grad_out: Tensor<B, 2>,
     plan: &DispatchPlan<B>,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let row_weight = row_weights(weights.clone(), plan, rows.dims()[0], grad_out.dtype());
+    combine_grad_with(rows, weights, grad_out, plan, row_weight)
+}
+
+/// [`combine_grad`] given each row's pair weight `row_weight` `[rows]` (in `grad_out`'s dtype,
+/// 0 for padding rows), for a backend that places the weights with its own kernel.
+pub fn combine_grad_with<B: MoeBackend>(
+    rows: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    grad_out: Tensor<B, 2>,
+    plan: &DispatchPlan<B>,
+    row_weight: Tensor<B, 1>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let rows_total = rows.dims()[0];
-    let row_weight = row_weights(weights.clone(), plan, rows_total, grad_out.dtype());
     let grad_rows = B::moe_permute(grad_out.clone(), plan) * row_weight.reshape([rows_total, 1]);
     (grad_rows, combine_grad_weights(rows, weights, grad_out, plan))
 }

@@ -21,6 +21,8 @@ const CASES: &[(&str, &[usize], usize, usize)] = &[
     ("wide, deep and ragged", &[65, 1, 0, 64, 127], 160, 130),
     // 16-aligned widths: full tiles take the tensor cores' direct path, the rest the staged one.
     ("aligned, full and partial tiles", &[130, 0, 64, 200, 17], 128, 96),
+    // Wide enough for the default 128x128 tiles to load directly too.
+    ("aligned, 128-wide tiles", &[300, 0, 128, 17, 260], 256, 256),
 ];
 
 type Backend<R> = CubeBackend<R, f32, i32, u32>;
@@ -129,8 +131,8 @@ fn run_all<R: CubeRuntime>(device: &R::Device, dtypes: &[(DType, f64)]) {
     }
 }
 
-/// The dispatch plan's in-expert ranks against a host count, on id lists longer than one
-/// scan block (1024), with empty experts and a single expert.
+/// The dispatch plan's in-expert ranks and per-expert counts against a host count, on id
+/// lists longer than one scan block (1024), with empty experts and a single expert.
 fn check_ranks<R: CubeRuntime>(device: &R::Device) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     println!("rank seed {seed}");
@@ -147,9 +149,12 @@ fn check_ranks<R: CubeRuntime>(device: &R::Device) {
             })
             .collect();
         let t = Tensor::<Backend<R>, 1, Int>::from_data(TensorData::new(ids, [pairs]), device);
-        let rank = Backend::<R>::rank_in_expert(t.into_primitive(), experts);
+        let rank = Backend::<R>::rank_in_expert(t.clone().into_primitive(), experts);
         let got: Vec<i64> = Tensor::<Backend<R>, 1, Int>::from_primitive(rank).into_data().iter::<i64>().collect();
         assert_eq!(got, expected, "{pairs} pairs over {experts} experts");
+        let counts = Backend::<R>::count_experts(t.into_primitive(), experts);
+        let got: Vec<i64> = Tensor::<Backend<R>, 1, Int>::from_primitive(counts).into_data().iter::<i64>().collect();
+        assert_eq!(got, seen, "counts of {pairs} pairs over {experts} experts");
     }
 }
 
@@ -180,4 +185,64 @@ fn grouped_gemm_matches_the_host_loop_on_cuda() {
         &Default::default(),
         &[(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)],
     );
+}
+
+/// The selection kernel against the portable rule (`Selection::select` on NdArray), on scores
+/// with many ties (values on a coarse grid), NaN, `-inf`, and rows of nothing but those.
+fn check_selection<R: CubeRuntime>(device: &R::Device) {
+    use burn::backend::NdArray;
+    use moe_router::Selection;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("selection seed {seed}");
+    let mut rng = Lcg(seed);
+    let selection = |top_k, num_groups, topk_groups, group_score_topk| Selection {
+        top_k,
+        num_groups,
+        topk_groups,
+        group_score_topk,
+    };
+    // (experts, selection): no groups; DeepSeek-V3's 8 groups keep 4 by top-2 sums; a
+    // 3-entry group score; K larger than the kept groups hold (masked experts fill in).
+    let cases = [
+        (64, selection(6, 1, 1, 2)),
+        (256, selection(8, 8, 4, 2)),
+        (16, selection(3, 4, 2, 3)),
+        (8, selection(6, 2, 1, 2)),
+        (5, selection(5, 1, 1, 2)),
+    ];
+    for (experts, sel) in cases {
+        let tokens = 333;
+        let mut values: Vec<f32> = rng.values(tokens * experts).into_iter().map(|v| (v * 4.0).round() / 4.0).collect();
+        for (i, v) in values.iter_mut().enumerate() {
+            match i % 37 {
+                3 => *v = f32::NAN,
+                11 => *v = f32::NEG_INFINITY,
+                _ => {}
+            }
+        }
+        values[..experts].fill(f32::NAN);
+        values[experts..2 * experts].fill(f32::NEG_INFINITY);
+        let data = TensorData::new(values, [tokens, experts]);
+        let expected: Vec<i64> = sel
+            .select(Tensor::<NdArray, 2>::from_data(data.clone(), &Default::default()))
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        let choice = Tensor::<Backend<R>, 2>::from_data(data, device).into_primitive().tensor();
+        let ids = Backend::<R>::select_experts(choice, &sel);
+        let got: Vec<i64> = Tensor::<Backend<R>, 2, Int>::from_primitive(ids).into_data().iter::<i64>().collect();
+        assert_eq!(got, expected, "{experts} experts, {sel:?}");
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn selection_matches_the_portable_rule_on_wgpu() {
+    check_selection::<cubecl::wgpu::WgpuRuntime>(&Default::default());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn selection_matches_the_portable_rule_on_cuda() {
+    check_selection::<cubecl::cuda::CudaRuntime>(&Default::default());
 }

@@ -2,8 +2,20 @@ use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{FloatDType, Int, Tensor, activation, backend::Backend};
 
-use crate::select::{mask_groups, top_k_lowest_id};
+use crate::select::Selection;
 use crate::{RouterConfig, RouterConfigError, ScoreFunction};
+
+/// Pairs per expert of `expert_ids` `[T, K]`, by a scatter-add: the router's portable count.
+pub fn count_experts<B: Backend>(expert_ids: Tensor<B, 2, Int>, num_experts: usize) -> Tensor<B, 1, Int> {
+    let [tokens, top_k] = expert_ids.dims();
+    let device = expert_ids.device();
+    Tensor::<B, 1, Int>::zeros([num_experts], &device).scatter(
+        0,
+        expert_ids.reshape([tokens * top_k]),
+        Tensor::ones([tokens * top_k], &device),
+        burn::tensor::IndexingUpdateOp::Add,
+    )
+}
 
 /// DeepSeek-V3's gate: affinities, bias-steered top-K selection, weights from unbiased scores.
 #[derive(Module, Debug)]
@@ -65,20 +77,31 @@ impl RouterConfig {
 }
 
 impl<B: Backend> TopKRouter<B> {
-    /// Routes `x` `[T, d]` (any float dtype; the math runs in f32).
+    /// Routes `x` `[T, d]` (any float dtype; the math runs in f32), selecting by the portable
+    /// [`Selection::select`].
     pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
+        self.forward_with(x, |choice, selection| selection.select(choice), count_experts)
+    }
+
+    /// [`TopKRouter::forward`] with other implementations of the selection and the count
+    /// (`moe_kernels` passes a backend's kernels): `select` gets the biased scores `[T, E]`
+    /// (f32, detached) and must return what [`Selection::select`] returns; `count` gets the
+    /// chosen ids `[T, K]` and `E` and returns the pairs per expert `[E]`.
+    pub fn forward_with(
+        &self,
+        x: Tensor<B, 2>,
+        select: impl FnOnce(Tensor<B, 2>, &Selection) -> Tensor<B, 2, Int>,
+        count: impl FnOnce(Tensor<B, 2, Int>, usize) -> Tensor<B, 1, Int>,
+    ) -> Routing<B> {
         let logits = x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose());
         let scores = match self.score_function {
             ScoreFunction::Sigmoid => activation::sigmoid(logits.clone()),
             ScoreFunction::Softmax => activation::softmax(logits.clone(), 1),
         };
-        let [tokens, experts] = scores.dims();
+        let experts = scores.dims()[1];
         // Selection is discrete: it sees the bias and carries no gradient.
-        let mut choice = scores.clone().detach() + self.bias.val().detach().cast(FloatDType::F32).reshape([1, experts]);
-        if self.num_groups > 1 {
-            choice = mask_groups(choice, self.num_groups, self.topk_groups, self.group_score_topk);
-        }
-        let expert_ids = top_k_lowest_id(choice, self.top_k);
+        let choice = scores.clone().detach() + self.bias.val().detach().cast(FloatDType::F32).reshape([1, experts]);
+        let expert_ids = select(choice, &self.selection());
         let mut weights = scores.clone().gather(1, expert_ids.clone());
         if self.normalize_weights {
             // 1e-20 as in the reference: keeps an all-zero row finite.
@@ -86,13 +109,18 @@ impl<B: Backend> TopKRouter<B> {
             weights = weights.div(total);
         }
         let weights = weights.mul_scalar(self.route_scale);
-        let counts = Tensor::<B, 1, Int>::zeros([experts], &expert_ids.device()).scatter(
-            0,
-            expert_ids.clone().reshape([tokens * self.top_k]),
-            Tensor::ones([tokens * self.top_k], &expert_ids.device()),
-            burn::tensor::IndexingUpdateOp::Add,
-        );
+        let counts = count(expert_ids.clone(), experts);
         Routing { expert_ids, weights, scores, logits, counts }
+    }
+
+    /// K and the group limit, as the selection takes them.
+    pub fn selection(&self) -> Selection {
+        Selection {
+            top_k: self.top_k,
+            num_groups: self.num_groups,
+            topk_groups: self.topk_groups,
+            group_score_topk: self.group_score_topk,
+        }
     }
 
     /// The selection bias `[E]` (f32).

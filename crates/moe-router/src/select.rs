@@ -1,5 +1,34 @@
 use burn::tensor::{Bool, Int, Tensor, backend::Backend};
 
+/// Everything the expert selection needs besides the biased scores: K and the group limit.
+/// [`Selection::select`] is the portable rule; a backend with its own selection kernel must
+/// return exactly the same ids (`moe_kernels::MoeBackend::moe_select_experts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Selection {
+    /// Experts chosen per token, `K`.
+    pub top_k: usize,
+    /// Groups `G` the experts are split into; 1 means no group limit.
+    pub num_groups: usize,
+    /// Groups kept per token.
+    pub topk_groups: usize,
+    /// Entries summed into a group's score.
+    pub group_score_topk: usize,
+}
+
+impl Selection {
+    /// The `K` experts of each row of `choice` `[T, E]` (biased scores), best first: inside the
+    /// `topk_groups` best groups when `num_groups > 1` ([`mask_groups`]), ties to the lower
+    /// id ([`top_k_lowest_id`]).
+    pub fn select<B: Backend>(&self, choice: Tensor<B, 2>) -> Tensor<B, 2, Int> {
+        let choice = if self.num_groups > 1 {
+            mask_groups(choice, self.num_groups, self.topk_groups, self.group_score_topk)
+        } else {
+            choice
+        };
+        top_k_lowest_id(choice, self.top_k)
+    }
+}
+
 /// The `k` largest entries of each row of `values` `[T, E]`, as column ids `[T, k]` in
 /// descending order of value. Equal values go to the lower id, on every backend (burn's
 /// `topk` leaves ties to the backend). NaN counts as `-inf`, and a row of `-inf` still yields

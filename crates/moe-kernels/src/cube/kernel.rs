@@ -4,7 +4,7 @@
 //! staged in shared memory with zeros outside the valid range, so segment sizes need not be
 //! tile multiples and a tile never reads another expert's rows; the epilogue writes only the
 //! valid part. The tile product runs on tensor cores (`cmma`, 16x16x16 fragments, f32
-//! accumulators; one plane of 32 units per 32x32 block of the tile, 2x2 fragments each) where the
+//! accumulators; one plane of 32 units per `warp_m x warp_n` block of the tile) where the
 //! device has them for the element type, or as a register-blocked f32 loop otherwise (f32
 //! models, and Vulkan drivers without cooperative matrices such as lavapipe in CI).
 
@@ -14,10 +14,27 @@ use cubecl::prelude::*;
 /// Reduction depth staged per step.
 const TILE_K: usize = 32;
 
-/// Units a cube of `tile_m x tile_n` outputs runs with: one plane of 32 per 32x32 block, and
-/// 32 outputs per unit on the scalar path.
-pub(crate) fn units(tile_m: usize, tile_n: usize) -> u32 {
-    (tile_m * tile_n / 32) as u32
+/// How a launch tiles its output (comptime): each cube computes `tile_m x tile_n`; on the
+/// tensor-core path each plane of 32 units computes a `warp_m x warp_n` block of it
+/// (multiples of 16), on the scalar path each unit 32 outputs of one column.
+#[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Tiling {
+    pub(crate) cmma: bool,
+    pub(crate) tile_m: usize,
+    pub(crate) tile_n: usize,
+    pub(crate) warp_m: usize,
+    pub(crate) warp_n: usize,
+}
+
+impl Tiling {
+    /// Units per cube.
+    pub(crate) fn units(&self) -> u32 {
+        if self.cmma {
+            (self.tile_m / self.warp_m * (self.tile_n / self.warp_n) * 32) as u32
+        } else {
+            (self.tile_m * self.tile_n / 32) as u32
+        }
+    }
 }
 
 /// `out[r] = lhs[r] rhs[e]` for the rows `r` of expert `e`'s segment. `tiles` holds three
@@ -35,13 +52,12 @@ pub(crate) fn grouped_gemm<F: Float>(
     tiles: &Array<u32>,
     out: &mut Tensor<F>,
     #[comptime] mode: u32,
-    #[comptime] use_cmma: bool,
-    #[comptime] tile_m: usize,
-    #[comptime] tile_n: usize,
+    #[comptime] tiling: Tiling,
     #[comptime] direct: Direct,
     #[define(F)] _dtype: StorageType,
 ) {
-    let units = comptime!(tile_m * tile_n / 32);
+    let tile_m = comptime!(tiling.tile_m);
+    let tile_n = comptime!(tiling.tile_n);
     // Where this cube's tile lies, and the reduction range. Row tiles run along x (there
     // can be many), column blocks along y.
     let (expert, m0, m_end, k_begin, k_end, n0) = if comptime!(mode == MODE_ROWS) {
@@ -71,15 +87,18 @@ pub(crate) fn grouped_gemm<F: Float>(
     let mut stage_a = SharedMemory::<F>::new_aligned(tile_m * TILE_K, 32usize);
     let mut stage_b = SharedMemory::<F>::new_aligned(TILE_K * tile_n, 32usize);
 
-    if comptime!(use_cmma) {
+    if comptime!(tiling.cmma) {
+        let fm = comptime!(tiling.warp_m / 16);
+        let fnn = comptime!(tiling.warp_n / 16);
         let plane = UNIT_POS as usize / 32;
-        let planes_n = comptime!(tile_n / 32);
-        let pm = (plane / planes_n) * 32;
-        let pn = (plane % planes_n) * 32;
-        let acc00 = zero_accumulator();
-        let acc01 = zero_accumulator();
-        let acc10 = zero_accumulator();
-        let acc11 = zero_accumulator();
+        let planes_n = comptime!(tile_n / tiling.warp_n);
+        let pm = (plane / planes_n) * comptime!(tiling.warp_m);
+        let pn = (plane % planes_n) * comptime!(tiling.warp_n);
+        let mut acc = Sequence::<cmma::Matrix<f32>>::new();
+        #[unroll]
+        for _ in 0..fm * fnn {
+            acc.push(zero_accumulator());
+        }
         let mut k0 = k_begin;
         // With 16-aligned operands, fragments load straight from global memory (no staging,
         // no barrier) for every whole 16-deep step; the staged loop below takes what is left.
@@ -91,80 +110,94 @@ pub(crate) fn grouped_gemm<F: Float>(
         let full = direct_load && m0 + tile_m <= m_end;
         if direct_load {
             let k_direct_end = k_begin + (k_end - k_begin) / 16 * 16;
-            while k0 < k_direct_end {
-                let (a0, a1, b0, b1) = direct_fragments::<F>(lhs, rhs, expert, m0 + pm, n0 + pn, k0, mode, direct);
-                cmma::execute::<F, F, f32, f32>(&a0, &b0, &acc00, &acc00);
-                cmma::execute::<F, F, f32, f32>(&a0, &b1, &acc01, &acc01);
-                cmma::execute::<F, F, f32, f32>(&a1, &b0, &acc10, &acc10);
-                cmma::execute::<F, F, f32, f32>(&a1, &b1, &acc11, &acc11);
+            // Two depth steps per iteration: both steps' loads are issued before their
+            // products, so the plane has twice the loads in flight.
+            while k0 + 32 <= k_direct_end {
+                let a0 = direct_a::<F>(lhs, m0 + pm, k0, fm, mode);
+                let b0 = direct_b::<F>(rhs, expert, n0 + pn, k0, fnn, mode, direct);
+                let a1 = direct_a::<F>(lhs, m0 + pm, k0 + 16, fm, mode);
+                let b1 = direct_b::<F>(rhs, expert, n0 + pn, k0 + 16, fnn, mode, direct);
+                multiply_accumulate::<F>(&a0, &b0, &acc, fm, fnn);
+                multiply_accumulate::<F>(&a1, &b1, &acc, fm, fnn);
+                k0 += 32;
+            }
+            if k0 < k_direct_end {
+                let a = direct_a::<F>(lhs, m0 + pm, k0, fm, mode);
+                let b = direct_b::<F>(rhs, expert, n0 + pn, k0, fnn, mode, direct);
+                multiply_accumulate::<F>(&a, &b, &acc, fm, fnn);
                 k0 += 16;
             }
         }
         while k0 < k_end {
-            stage_operands::<F>(lhs, rhs, &mut stage_a, &mut stage_b, &bounds, k0, k_end, mode, tile_m, tile_n);
+            stage_operands::<F>(lhs, rhs, &mut stage_a, &mut stage_b, &bounds, k0, k_end, mode, tiling);
             sync_cube();
             #[unroll]
             for ks in 0..TILE_K / 16 {
-                let a0 = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &stage_a.slice(pm * TILE_K + ks * 16, tile_m * TILE_K),
-                    TILE_K as u32,
-                );
-                let a1 = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &stage_a.slice((pm + 16) * TILE_K + ks * 16, tile_m * TILE_K),
-                    TILE_K as u32,
-                );
-                let b0 = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &stage_b.slice(ks * 16 * tile_n + pn, TILE_K * tile_n),
-                    tile_n as u32,
-                );
-                let b1 = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &stage_b.slice(ks * 16 * tile_n + pn + 16, TILE_K * tile_n),
-                    tile_n as u32,
-                );
-                cmma::execute::<F, F, f32, f32>(&a0, &b0, &acc00, &acc00);
-                cmma::execute::<F, F, f32, f32>(&a0, &b1, &acc01, &acc01);
-                cmma::execute::<F, F, f32, f32>(&a1, &b0, &acc10, &acc10);
-                cmma::execute::<F, F, f32, f32>(&a1, &b1, &acc11, &acc11);
+                let mut a = Sequence::<cmma::Matrix<F>>::new();
+                #[unroll]
+                for i in 0..fm {
+                    a.push(cmma::Matrix::<F>::from_slice(
+                        cmma::MatrixIdent::A,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::RowMajor,
+                        &stage_a.slice((pm + i * 16) * TILE_K + ks * 16, tile_m * TILE_K),
+                        TILE_K as u32,
+                    ));
+                }
+                let mut b = Sequence::<cmma::Matrix<F>>::new();
+                #[unroll]
+                for j in 0..fnn {
+                    b.push(cmma::Matrix::<F>::from_slice(
+                        cmma::MatrixIdent::B,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::RowMajor,
+                        &stage_b.slice(ks * 16 * tile_n + pn + j * 16, TILE_K * tile_n),
+                        tile_n as u32,
+                    ));
+                }
+                multiply_accumulate::<F>(&a, &b, &acc, fm, fnn);
             }
             sync_cube();
             k0 += TILE_K;
         }
-        // Through shared memory, one 16x16 fragment per plane at a time, because fragments
-        // have no per-element addressing to mask the rows of the next segment.
-        let mut stage_c = SharedMemory::<f32>::new_aligned(comptime!(units / 32 * 256), 32usize);
-        let own = plane * 256;
         let (m, n) = (m0 + pm, n0 + pn);
         if full {
-            store_direct::<F>(out, &acc00, expert, m, n, mode);
-            store_direct::<F>(out, &acc01, expert, m, n + 16, mode);
-            store_direct::<F>(out, &acc10, expert, m + 16, n, mode);
-            store_direct::<F>(out, &acc11, expert, m + 16, n + 16, mode);
+            #[unroll]
+            for i in 0..fm {
+                #[unroll]
+                for j in 0..fnn {
+                    store_direct::<F>(out, acc.index(i * fnn + j), expert, m + i * 16, n + j * 16, mode);
+                }
+            }
             terminate!();
         }
-        write_fragment::<F>(out, &mut stage_c, &acc00, own, expert, m, m_end, n, n_end, mode);
-        write_fragment::<F>(out, &mut stage_c, &acc01, own, expert, m, m_end, n + 16, n_end, mode);
-        write_fragment::<F>(out, &mut stage_c, &acc10, own, expert, m + 16, m_end, n, n_end, mode);
-        write_fragment::<F>(out, &mut stage_c, &acc11, own, expert, m + 16, m_end, n + 16, n_end, mode);
+        // Through shared memory, one 16x16 fragment per plane at a time, because fragments
+        // have no per-element addressing to mask the rows of the next segment.
+        let planes = comptime!(tiling.units() as usize / 32);
+        let mut stage_c = SharedMemory::<f32>::new_aligned(planes * 256, 32usize);
+        let own = plane * 256;
+        #[unroll]
+        for i in 0..fm {
+            #[unroll]
+            for j in 0..fnn {
+                write_fragment::<F>(
+                    out,
+                    &mut stage_c,
+                    acc.index(i * fnn + j),
+                    own,
+                    expert,
+                    m + i * 16,
+                    m_end,
+                    n + j * 16,
+                    n_end,
+                    mode,
+                );
+            }
+        }
     } else {
         // Unit u owns column u % tile_n and 32 consecutive rows: the rows' operands are
         // broadcast reads across a plane, the column's a distinct bank per unit.
@@ -177,7 +210,7 @@ pub(crate) fn grouped_gemm<F: Float>(
         }
         let mut k0 = k_begin;
         while k0 < k_end {
-            stage_operands::<F>(lhs, rhs, &mut stage_a, &mut stage_b, &bounds, k0, k_end, mode, tile_m, tile_n);
+            stage_operands::<F>(lhs, rhs, &mut stage_a, &mut stage_b, &bounds, k0, k_end, mode, tiling);
             sync_cube();
             for k in 0..TILE_K {
                 let b = f32::cast_from(stage_b[k * tile_n + n]);
@@ -192,6 +225,25 @@ pub(crate) fn grouped_gemm<F: Float>(
         #[unroll]
         for i in 0..32usize {
             write_output::<F>(out, acc[i], expert, m0 + mr + i, m_end, n0 + n, n_end, mode);
+        }
+    }
+}
+
+/// `acc[i][j] += a[i] b[j]` over the plane's `fm x fnn` fragments.
+#[cube]
+fn multiply_accumulate<F: Float>(
+    a: &Sequence<cmma::Matrix<F>>,
+    b: &Sequence<cmma::Matrix<F>>,
+    acc: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] fm: usize,
+    #[comptime] fnn: usize,
+) {
+    #[unroll]
+    for i in 0..fm {
+        #[unroll]
+        for j in 0..fnn {
+            let c = acc.index(i * fnn + j);
+            cmma::execute::<F, F, f32, f32>(a.index(i), b.index(j), c, c);
         }
     }
 }
@@ -219,49 +271,61 @@ pub(crate) struct Direct {
     pub(crate) b_col_major: bool,
 }
 
-/// The plane's two `A` and two `B` fragments at depth `k0`, read from global memory: `A` rows
-/// `m..m + 32`, `B` columns `n..n + 32`.
+/// The plane's `fm` `A` fragments at depth `k0`, read from global memory: rows `m..m + 16 fm`
+/// of the segment (row-major), or of `lhs^T` (column-major in memory) for the weight gradient.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn direct_fragments<F: Float>(
+fn direct_a<F: Float>(
     lhs: &Tensor<F>,
+    m: usize,
+    k0: usize,
+    #[comptime] fm: usize,
+    #[comptime] mode: u32,
+) -> Sequence<cmma::Matrix<F>> {
+    let len = lhs.len();
+    let s = lhs.stride(0);
+    let mut a = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for i in 0..fm {
+        if comptime!(mode == MODE_ROWS) {
+            a.push(fragment::<F>(lhs, (m + i * 16) * s + k0, len, s, cmma::MatrixIdent::A, false));
+        } else {
+            a.push(fragment::<F>(lhs, k0 * s + m + i * 16, len, s, cmma::MatrixIdent::A, true));
+        }
+    }
+    a
+}
+
+/// The plane's `fnn` `B` fragments at depth `k0`, columns `n..n + 16 fnn`: of `rhs[expert]`
+/// (row- or column-major) for row tiles, of the gradient rows for the weight gradient.
+#[cube]
+fn direct_b<F: Float>(
     rhs: &Tensor<F>,
     expert: usize,
-    m: usize,
     n: usize,
     k0: usize,
+    #[comptime] fnn: usize,
     #[comptime] mode: u32,
     #[comptime] direct: Direct,
-) -> (cmma::Matrix<F>, cmma::Matrix<F>, cmma::Matrix<F>, cmma::Matrix<F>) {
-    let lhs_len = lhs.len();
-    let rhs_len = rhs.len();
-    if comptime!(mode == MODE_ROWS) {
-        // A = the segment's rows (row-major); B = rhs[expert].
-        let sa = lhs.stride(0);
-        let a0 = fragment::<F>(lhs, m * sa + k0, lhs_len, sa, cmma::MatrixIdent::A, false);
-        let a1 = fragment::<F>(lhs, (m + 16) * sa + k0, lhs_len, sa, cmma::MatrixIdent::A, false);
-        let base = expert * rhs.stride(0);
-        if comptime!(direct.b_col_major) {
-            let sb = rhs.stride(2);
-            let b0 = fragment::<F>(rhs, base + k0 + n * sb, rhs_len, sb, cmma::MatrixIdent::B, true);
-            let b1 = fragment::<F>(rhs, base + k0 + (n + 16) * sb, rhs_len, sb, cmma::MatrixIdent::B, true);
-            (a0, a1, b0, b1)
+) -> Sequence<cmma::Matrix<F>> {
+    let len = rhs.len();
+    let mut b = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for j in 0..fnn {
+        if comptime!(mode == MODE_ROWS) {
+            let base = expert * rhs.stride(0);
+            if comptime!(direct.b_col_major) {
+                let s = rhs.stride(2);
+                b.push(fragment::<F>(rhs, base + k0 + (n + j * 16) * s, len, s, cmma::MatrixIdent::B, true));
+            } else {
+                let s = rhs.stride(1);
+                b.push(fragment::<F>(rhs, base + k0 * s + n + j * 16, len, s, cmma::MatrixIdent::B, false));
+            }
         } else {
-            let sb = rhs.stride(1);
-            let b0 = fragment::<F>(rhs, base + k0 * sb + n, rhs_len, sb, cmma::MatrixIdent::B, false);
-            let b1 = fragment::<F>(rhs, base + k0 * sb + n + 16, rhs_len, sb, cmma::MatrixIdent::B, false);
-            (a0, a1, b0, b1)
+            let s = rhs.stride(0);
+            b.push(fragment::<F>(rhs, k0 * s + n + j * 16, len, s, cmma::MatrixIdent::B, false));
         }
-    } else {
-        // A = lhs^T (column-major in memory), B = rhs rows (row-major).
-        let sa = lhs.stride(0);
-        let sb = rhs.stride(0);
-        let a0 = fragment::<F>(lhs, k0 * sa + m, lhs_len, sa, cmma::MatrixIdent::A, true);
-        let a1 = fragment::<F>(lhs, k0 * sa + m + 16, lhs_len, sa, cmma::MatrixIdent::A, true);
-        let b0 = fragment::<F>(rhs, k0 * sb + n, rhs_len, sb, cmma::MatrixIdent::B, false);
-        let b1 = fragment::<F>(rhs, k0 * sb + n + 16, rhs_len, sb, cmma::MatrixIdent::B, false);
-        (a0, a1, b0, b1)
     }
+    b
 }
 
 /// One 16x16x16 input fragment of `t` starting at element `start`, leading stride `stride`.
@@ -341,10 +405,10 @@ fn stage_operands<F: Float>(
     k0: usize,
     k_end: usize,
     #[comptime] mode: u32,
-    #[comptime] tile_m: usize,
-    #[comptime] tile_n: usize,
+    #[comptime] tiling: Tiling,
 ) {
-    let units = comptime!(tile_m * tile_n / 32);
+    let (tile_m, tile_n) = comptime!((tiling.tile_m, tiling.tile_n));
+    let units = comptime!(tiling.units() as usize);
     let unit = UNIT_POS as usize;
     let (expert, m0, m_end, n0, n_end) = (bounds.expert, bounds.m0, bounds.m_end, bounds.n0, bounds.n_end);
     let a_per_unit = tile_m * TILE_K / units;
@@ -563,4 +627,76 @@ pub(crate) fn combine_rows<F: Float, I: Int>(
         }
     }
     out[idx] = F::cast_from(acc);
+}
+
+/// Units of the count kernel's cube.
+pub(crate) const COUNT_UNITS: u32 = 256;
+
+/// `counts[e]` = how many of `ids` (contiguous) equal `e`. One cube per expert; each unit
+/// counts a strided share, then a tree sum in shared memory: no atomics, and no 1-D scatter
+/// (burn 0.21 runs a 1-D scatter on a single GPU thread).
+#[cube(launch)]
+pub(crate) fn count_experts<I: Int>(ids: &Tensor<I>, counts: &mut Tensor<I>, #[define(I)] _dtype: StorageType) {
+    let expert = I::cast_from(CUBE_POS_X);
+    let n = ids.len();
+    let unit = UNIT_POS as usize;
+    let units = COUNT_UNITS as usize;
+    let mut hits = 0u32;
+    let mut i = unit;
+    while i < n {
+        if ids[i] == expert {
+            hits += 1;
+        }
+        i += units;
+    }
+    let mut sum = SharedMemory::<u32>::new(COUNT_UNITS as usize);
+    sum[unit] = hits;
+    sync_cube();
+    let mut stride = 1usize;
+    while stride < units {
+        if unit & (2 * stride - 1) == 0 {
+            sum[unit] += sum[unit + stride];
+        }
+        sync_cube();
+        stride *= 2;
+    }
+    if unit == 0 {
+        counts[CUBE_POS_X as usize] = I::cast_from(sum[0]);
+    }
+}
+
+/// `source[row_of_pair[t, k]] = t + 1` for every pair placed at a row inside `source`
+/// (dropped pairs point past it): the plan's row-to-token map, one unit per pair. Rows no
+/// pair fills keep the zeros `source` starts with.
+#[cube(launch)]
+pub(crate) fn place_rows<I: Int>(row_of_pair: &Tensor<I>, source: &mut Tensor<I>, #[define(I)] _dtype: StorageType) {
+    let p = ABSOLUTE_POS;
+    if p >= row_of_pair.len() {
+        terminate!();
+    }
+    let r = usize::cast_from(row_of_pair[p]);
+    if r < source.len() {
+        source[r] = I::cast_from(p / row_of_pair.shape(1) + 1);
+    }
+}
+
+/// `out[row_of_pair[t, k]] = weights[t, k]` for every pair placed at a row inside `out`: each
+/// dispatch row's pair weight (the combine's row gradient scales by it). Rows no pair fills
+/// keep the zeros `out` starts with.
+#[cube(launch)]
+pub(crate) fn place_weights<F: Float, I: Int>(
+    row_of_pair: &Tensor<I>,
+    weights: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let p = ABSOLUTE_POS;
+    if p >= row_of_pair.len() {
+        terminate!();
+    }
+    let r = usize::cast_from(row_of_pair[p]);
+    if r < out.len() {
+        let top_k = row_of_pair.shape(1);
+        out[r] = weights[(p / top_k) * weights.stride(0) + (p % top_k) * weights.stride(1)];
+    }
 }

@@ -8,11 +8,12 @@
 //! plan's in-expert ranks, the permute (a row gather) and the combine (a gather per token).
 
 mod kernel;
+mod select;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata, backend::Backend};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::stream::{Operation, OperationStreams};
@@ -22,9 +23,11 @@ use cubecl::ir::{StorageType, features::MmaConfig};
 use cubecl::prelude::{CubeCount, CubeDim};
 
 use kernel::{
-    Direct, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, combine_rows, gather_rows, grouped_gemm, rank_in_expert,
-    units,
+    COUNT_UNITS, Direct, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, Tiling, combine_rows, count_experts,
+    gather_rows, grouped_gemm, place_rows, place_weights, rank_in_expert,
 };
+
+use moe_router::Selection;
 
 use crate::{
     CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor, portable,
@@ -44,8 +47,19 @@ pub trait MoeCubeKernels: Backend {
         segment_rows: &[usize],
     ) -> FloatTensor<Self>;
 
-    /// See [`crate::portable::RankInExpert`]: `ids` `[N]`, every id in `0..num_experts`.
+    /// See [`crate::portable::PlanKernels::rank`]: `ids` `[N]`, every id in `0..num_experts`.
     fn rank_in_expert(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
+
+    /// See [`crate::portable::PlanKernels::count`]: `ids` any shape, every id in
+    /// `0..num_experts`; `[num_experts]`.
+    fn count_experts(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
+
+    /// See [`crate::portable::PlanKernels::place`]: `row_of_pair` `[T, K]`; `[rows]`.
+    fn place_rows(row_of_pair: IntTensor<Self>, rows: usize) -> IntTensor<Self>;
+
+    /// `[rows]`: the weight (`weights` `[T, K]`) of the pair at each row of `row_of_pair`
+    /// `[T, K]`, 0 for a row no pair fills.
+    fn place_weights(row_of_pair: IntTensor<Self>, weights: FloatTensor<Self>, rows: usize) -> FloatTensor<Self>;
 
     /// `out[r] = x[source[r] - 1]` (`[rows, d]`), a zero row where `source[r]` is 0.
     fn gather_rows(x: FloatTensor<Self>, source: IntTensor<Self>) -> FloatTensor<Self>;
@@ -57,6 +71,10 @@ pub trait MoeCubeKernels: Backend {
         row_of_pair: IntTensor<Self>,
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    /// [`Selection::select`] on `choice` `[T, E]` (f32): the ids `[T, K]`, exactly the
+    /// portable ones.
+    fn select_experts(choice: FloatTensor<Self>, selection: &Selection) -> IntTensor<Self>;
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKernels for CubeBackend<R, F, I, BT> {
@@ -81,6 +99,62 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
             ids.clone().into_tensor_arg(),
             out.clone().into_tensor_arg(),
             ids.dtype.into(),
+        );
+        out
+    }
+
+    fn count_experts(ids: CubeTensor<R>, num_experts: usize) -> CubeTensor<R> {
+        let ids = into_contiguous(ids);
+        let out = zeros_client(ids.client.clone(), ids.device.clone(), Shape::new([num_experts]), ids.dtype);
+        if num_experts == 0 || ids.meta.num_elements() == 0 {
+            return out;
+        }
+        count_experts::launch(
+            &ids.client,
+            CubeCount::Static(num_experts as u32, 1, 1),
+            CubeDim::new_1d(COUNT_UNITS),
+            ids.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            ids.dtype.into(),
+        );
+        out
+    }
+
+    fn place_rows(row_of_pair: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
+        let row_of_pair = into_contiguous(row_of_pair);
+        let out =
+            zeros_client(row_of_pair.client.clone(), row_of_pair.device.clone(), Shape::new([rows]), row_of_pair.dtype);
+        let pairs = row_of_pair.meta.num_elements();
+        if rows == 0 || pairs == 0 {
+            return out;
+        }
+        place_rows::launch(
+            &row_of_pair.client,
+            row_cubes(pairs),
+            CubeDim::new_1d(ROW_UNITS),
+            row_of_pair.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            row_of_pair.dtype.into(),
+        );
+        out
+    }
+
+    fn place_weights(row_of_pair: CubeTensor<R>, weights: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
+        let row_of_pair = into_contiguous(row_of_pair);
+        let out = zeros_client(weights.client.clone(), weights.device.clone(), Shape::new([rows]), weights.dtype);
+        let pairs = row_of_pair.meta.num_elements();
+        if rows == 0 || pairs == 0 {
+            return out;
+        }
+        let dtypes = [weights.dtype.into(), row_of_pair.dtype.into()];
+        place_weights::launch(
+            &row_of_pair.client,
+            row_cubes(pairs),
+            CubeDim::new_1d(ROW_UNITS),
+            row_of_pair.clone().into_tensor_arg(),
+            weights.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            dtypes,
         );
         out
     }
@@ -127,6 +201,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         );
         out
     }
+
+    fn select_experts(choice: CubeTensor<R>, selection: &Selection) -> CubeTensor<R> {
+        select::launch_select(choice, selection, I::dtype())
+    }
 }
 
 /// Cubes for one unit per element; a 2-D grid past the 65535 cubes a wgpu dimension holds.
@@ -136,31 +214,54 @@ fn row_cubes(elements: usize) -> CubeCount {
     CubeCount::Static(x, cubes.div_ceil(x), 1)
 }
 
-/// [`MoeCubeKernels::rank_in_expert`] on tensors, as [`crate::portable::plan_with_ranks`] takes it.
-fn ranks<B: MoeCubeKernels>(ids: Tensor<B, 1, Int>, num_experts: usize) -> Tensor<B, 1, Int> {
-    Tensor::from_primitive(B::rank_in_expert(ids.into_primitive(), num_experts))
+/// The plan's kernels on tensors, as [`portable::plan_with_ranks`] takes them.
+fn plan_kernels<B: MoeCubeKernels>() -> portable::PlanKernels<B> {
+    portable::PlanKernels {
+        rank: |ids, experts| Tensor::from_primitive(B::rank_in_expert(ids.into_primitive(), experts)),
+        count: |ids, experts| Tensor::from_primitive(B::count_experts(ids.into_primitive(), experts)),
+        place: |row_of_pair, rows| Tensor::from_primitive(B::place_rows(row_of_pair.into_primitive(), rows)),
+    }
 }
 
-/// The output tile one cube computes, `(rows, columns)`: `MOE_GEMM_TILE=MxN` (multiples of
-/// 32, at most 128x128) picks another for tuning; 64x64 otherwise.
-pub fn tile_shape() -> (usize, usize) {
-    static TILE: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+/// The output tile one cube computes and, on the tensor-core path, the block each plane of it
+/// computes, as `((rows, columns), (rows, columns))`. `MOE_GEMM_TILE=MxN` (M, N in 32, 64,
+/// 128, 256; at most 8 planes) and `MOE_GEMM_WARP=MxN` (16, 32 or 64, dividing the tile) pick others for tuning;
+/// otherwise 128x128 tiles of 64x64 plane blocks.
+pub fn tile_shape() -> ((usize, usize), (usize, usize)) {
+    static TILE: std::sync::OnceLock<((usize, usize), (usize, usize))> = std::sync::OnceLock::new();
+    const DEFAULT: ((usize, usize), (usize, usize)) = ((128, 128), (64, 64));
     *TILE.get_or_init(|| {
-        let parsed = std::env::var("MOE_GEMM_TILE").ok().and_then(|v| {
+        let parse = |name: &str| {
+            let v = std::env::var(name).ok()?;
             let (m, n) = v.split_once('x')?;
-            Some((m.parse().ok()?, n.parse().ok()?))
-        });
-        match parsed {
-            Some((m, n)) if [32, 64, 128].contains(&m) && [32, 64, 128].contains(&n) => (m, n),
+            Some((m.parse::<usize>().ok()?, n.parse::<usize>().ok()?))
+        };
+        let set = std::env::var_os("MOE_GEMM_TILE").is_some() || std::env::var_os("MOE_GEMM_WARP").is_some();
+        let tile = parse("MOE_GEMM_TILE").unwrap_or(DEFAULT.0);
+        let warp = parse("MOE_GEMM_WARP").unwrap_or((tile.0.min(DEFAULT.1.0), tile.1.min(DEFAULT.1.1)));
+        let tile_ok = |v: usize| [32, 64, 128, 256].contains(&v);
+        let warp_ok = |v: usize, t: usize| [16, 32, 64].contains(&v) && t.is_multiple_of(v);
+        let planes_ok = || (tile.0 / warp.0) * (tile.1 / warp.1) <= 8;
+        if tile_ok(tile.0) && tile_ok(tile.1) && warp_ok(warp.0, tile.0) && warp_ok(warp.1, tile.1) && planes_ok() {
+            (tile, warp)
+        } else {
             // A bad value must not change results, only speed: say so and keep the default.
-            Some(_) | None => {
-                if let Ok(v) = std::env::var("MOE_GEMM_TILE") {
-                    eprintln!("MOE_GEMM_TILE={v} is not MxN with M, N in 32, 64, 128; using 64x64");
-                }
-                (64, 64)
+            if set {
+                eprintln!(
+                    "MOE_GEMM_TILE / MOE_GEMM_WARP must be MxN with the tile in 32, 64, 128, 256 and the warp in \
+                     16, 32, 64 dividing it, at most 8 planes; using 128x128 / 64x64"
+                );
             }
+            DEFAULT
         }
     })
+}
+
+/// The launch tiling for the tile product `cmma` picks. The scalar product keeps 64x64 tiles
+/// (128 units): 128x128 would need 512 units a cube, more than many Vulkan devices allow.
+fn tiling(cmma: bool) -> Tiling {
+    let ((tile_m, tile_n), (warp_m, warp_n)) = if cmma { tile_shape() } else { ((64, 64), (64, 64)) };
+    Tiling { cmma, tile_m, tile_n, warp_m, warp_n }
 }
 
 /// Whether the cube backends use these kernels: `MOE_KERNELS=portable` makes them plan
@@ -195,7 +296,9 @@ pub fn launch_rows<R: CubeRuntime>(
     let n = weights.meta.shape()[2];
     let out =
         empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), Shape::new([total, n]), rows.dtype);
-    let (tile_m, tile_n) = tile_shape();
+    let cmma = tensor_cores(&rows);
+    let tiling = tiling(cmma);
+    let tile_m = tiling.tile_m;
     let mut table = Vec::new();
     let mut start = 0;
     for (expert, &count) in segment_rows.iter().enumerate() {
@@ -206,7 +309,6 @@ pub fn launch_rows<R: CubeRuntime>(
     if table.is_empty() || n == 0 {
         return out;
     }
-    let cmma = tensor_cores(&rows);
     let (ws, rs) = (weights.meta.strides(), rows.meta.strides());
     let aligned = |stride: usize| stride.is_multiple_of(16);
     let b_row_major = ws[2] == 1 && aligned(ws[1]);
@@ -215,7 +317,7 @@ pub fn launch_rows<R: CubeRuntime>(
         usable: cmma && rs[1] == 1 && aligned(rs[0]) && aligned(ws[0]) && aligned(n) && (b_row_major || b_col_major),
         b_col_major: !b_row_major,
     };
-    let n_blocks = n.div_ceil(tile_n) as u32;
+    let n_blocks = n.div_ceil(tiling.tile_n) as u32;
     // Tiles run along x; a device's x limit (65535 on wgpu) splits very long tables.
     let max_x = rows.client.properties().hardware.max_cube_count.0 as usize;
     for chunk in table.chunks(max_x * 3) {
@@ -223,15 +325,13 @@ pub fn launch_rows<R: CubeRuntime>(
         grouped_gemm::launch(
             &rows.client,
             CubeCount::Static((chunk.len() / 3) as u32, n_blocks, 1),
-            CubeDim::new_1d(units(tile_m, tile_n)),
+            CubeDim::new_1d(tiling.units()),
             rows.clone().into_tensor_arg(),
             weights.clone().into_tensor_arg(),
             tiles.into_array_arg(),
             out.clone().into_tensor_arg(),
             MODE_ROWS,
-            cmma,
-            tile_m,
-            tile_n,
+            tiling,
             direct,
             rows.dtype.into(),
         );
@@ -265,7 +365,7 @@ pub fn launch_weight_grad<R: CubeRuntime>(
         }))
         .collect();
     let cmma = tensor_cores(&rows);
-    let (tile_m, tile_n) = tile_shape();
+    let tiling = tiling(cmma);
     let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
     let direct = Direct {
         usable: cmma && rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], b].iter().all(|s| s.is_multiple_of(16)),
@@ -274,16 +374,14 @@ pub fn launch_weight_grad<R: CubeRuntime>(
     let tiles = u32_tensor(&rows, &offsets);
     grouped_gemm::launch(
         &rows.client,
-        CubeCount::Static(b.div_ceil(tile_n) as u32, a.div_ceil(tile_m) as u32, experts as u32),
-        CubeDim::new_1d(units(tile_m, tile_n)),
+        CubeCount::Static(b.div_ceil(tiling.tile_n) as u32, a.div_ceil(tiling.tile_m) as u32, experts as u32),
+        CubeDim::new_1d(tiling.units()),
         rows.clone().into_tensor_arg(),
         grad.into_tensor_arg(),
         tiles.into_array_arg(),
         out.clone().into_tensor_arg(),
         MODE_WEIGHTS,
-        cmma,
-        tile_m,
-        tile_n,
+        tiling,
         direct,
         rows.dtype.into(),
     );
@@ -310,7 +408,29 @@ macro_rules! cube_moe_methods {
             if !kernels_enabled() {
                 return portable::plan(expert_ids, priority, num_experts, limit, DispatchLayout::Padded);
             }
-            portable::plan_with_ranks(expert_ids, priority, num_experts, limit, Self::LAYOUT, Some(ranks::<Self>))
+            portable::plan_with_ranks(
+                expert_ids,
+                priority,
+                num_experts,
+                limit,
+                Self::LAYOUT,
+                Some(plan_kernels::<Self>()),
+            )
+        }
+
+        fn moe_select_experts(choice: Tensor<Self, 2>, selection: &Selection) -> Tensor<Self, 2, Int> {
+            if !kernels_enabled() {
+                return selection.select(choice);
+            }
+            let choice = float_primitive(choice.cast(burn::tensor::FloatDType::F32));
+            Tensor::from_primitive(Self::select_experts(choice, selection))
+        }
+
+        fn moe_expert_counts(expert_ids: Tensor<Self, 2, Int>, num_experts: usize) -> Tensor<Self, 1, Int> {
+            if !kernels_enabled() {
+                return moe_router::count_experts(expert_ids, num_experts);
+            }
+            Tensor::from_primitive(Self::count_experts(expert_ids.into_primitive(), num_experts))
         }
 
         fn moe_permute(x: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
@@ -327,6 +447,21 @@ macro_rules! cube_moe_methods {
             let weights = weights.cast(rows.dtype());
             let row_of_pair = plan.row_of_pair.clone().into_primitive();
             float_tensor(Self::combine_rows(float_primitive(rows), row_of_pair, float_primitive(weights)))
+        }
+
+        fn moe_combine_grad(
+            rows: Tensor<Self, 2>,
+            weights: Tensor<Self, 2>,
+            grad_out: Tensor<Self, 2>,
+            plan: &DispatchPlan<Self>,
+        ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+            if !kernels_enabled() {
+                return portable::combine_grad(rows, weights, grad_out, plan);
+            }
+            let row_of_pair = plan.row_of_pair.clone().reshape([plan.tokens, plan.top_k]).into_primitive();
+            let scaled = float_primitive(weights.clone().cast(grad_out.dtype()));
+            let row_weight = float_tensor(Self::place_weights(row_of_pair, scaled, rows.dims()[0]));
+            portable::combine_grad_with(rows, weights, grad_out, plan, row_weight)
         }
 
         fn moe_grouped_matmul(
@@ -386,6 +521,14 @@ enum Kernel {
     Combine,
     /// Inputs: ids (int), over this many experts; the output is int.
     Rank(usize),
+    /// Inputs: biased scores (f32); the output is int.
+    Select(Selection),
+    /// Inputs: ids (int), over this many experts; the output is int.
+    Count(usize),
+    /// Inputs: row of each pair (int), into this many rows; the output is int.
+    Place(usize),
+    /// Inputs: row of each pair (int), weights, into this many rows.
+    PlaceWeights(usize),
 }
 
 impl Kernel {
@@ -396,6 +539,10 @@ impl Kernel {
             Self::Gather => "moe_gather_rows",
             Self::Combine => "moe_combine_rows",
             Self::Rank(_) => "moe_rank_in_expert",
+            Self::Select(_) => "moe_select_experts",
+            Self::Count(_) => "moe_count_experts",
+            Self::Place(_) => "moe_place_rows",
+            Self::PlaceWeights(_) => "moe_place_weights",
         }
     }
 }
@@ -420,25 +567,39 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
             Kernel::WeightGrad(segments) => B::grouped_gemm_weight_grad(float(handles, 0), float(handles, 1), segments),
             Kernel::Gather => B::gather_rows(float(handles, 0), int(handles, 1)),
             Kernel::Combine => B::combine_rows(float(handles, 0), int(handles, 1), float(handles, 2)),
+            Kernel::PlaceWeights(rows) => B::place_weights(int(handles, 0), float(handles, 1), *rows),
             Kernel::Rank(experts) => {
                 let ranks = B::rank_in_expert(int(handles, 0), *experts);
                 return handles.register_int_tensor::<B>(&out, ranks);
+            }
+            Kernel::Select(selection) => {
+                let ids = B::select_experts(float(handles, 0), selection);
+                return handles.register_int_tensor::<B>(&out, ids);
+            }
+            Kernel::Count(experts) => {
+                let counts = B::count_experts(int(handles, 0), *experts);
+                return handles.register_int_tensor::<B>(&out, counts);
+            }
+            Kernel::Place(rows) => {
+                let source = B::place_rows(int(handles, 0), *rows);
+                return handles.register_int_tensor::<B>(&out, source);
             }
         };
         handles.register_float_tensor::<B>(&out, result);
     }
 }
 
-/// Registers `kernel(inputs)` with an output of `shape` and the first input's dtype in the
-/// fusion stream.
+/// Registers `kernel(inputs)` with an output of `shape` and `dtype` (the first input's when
+/// `None`) in the fusion stream.
 fn fused<B: FusionBackend + MoeCubeKernels>(
     kernel: Kernel,
     inputs: Vec<FusionTensor<B::FusionRuntime>>,
     shape: Shape,
+    dtype: Option<DType>,
 ) -> FusionTensor<B::FusionRuntime> {
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
-    let out = TensorIr::uninit(client.create_empty_handle(), shape, inputs[0].dtype);
+    let out = TensorIr::uninit(client.create_empty_handle(), shape, dtype.unwrap_or(inputs[0].dtype));
     let irs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
     let desc = CustomOpIr::new(kernel.name(), &irs, &[out]);
     let op = KernelOp::<B> { desc: desc.clone(), kernel, _backend: std::marker::PhantomData };
@@ -448,7 +609,7 @@ fn fused<B: FusionBackend + MoeCubeKernels>(
 impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
     fn grouped_gemm(rows: FloatTensor<Self>, weights: FloatTensor<Self>, segment_rows: &[usize]) -> FloatTensor<Self> {
         let shape = Shape::new([rows.shape[0], weights.shape[2]]);
-        fused::<B>(Kernel::Rows(segment_rows.to_vec()), vec![rows, weights], shape)
+        fused::<B>(Kernel::Rows(segment_rows.to_vec()), vec![rows, weights], shape, None)
     }
 
     fn grouped_gemm_weight_grad(
@@ -457,17 +618,30 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
         segment_rows: &[usize],
     ) -> FloatTensor<Self> {
         let shape = Shape::new([segment_rows.len(), rows.shape[1], grad.shape[1]]);
-        fused::<B>(Kernel::WeightGrad(segment_rows.to_vec()), vec![rows, grad], shape)
+        fused::<B>(Kernel::WeightGrad(segment_rows.to_vec()), vec![rows, grad], shape, None)
     }
 
     fn rank_in_expert(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self> {
         let shape = ids.shape.clone();
-        fused::<B>(Kernel::Rank(num_experts), vec![ids], shape)
+        fused::<B>(Kernel::Rank(num_experts), vec![ids], shape, None)
+    }
+
+    fn count_experts(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self> {
+        fused::<B>(Kernel::Count(num_experts), vec![ids], Shape::new([num_experts]), None)
+    }
+
+    fn place_rows(row_of_pair: IntTensor<Self>, rows: usize) -> IntTensor<Self> {
+        fused::<B>(Kernel::Place(rows), vec![row_of_pair], Shape::new([rows]), None)
+    }
+
+    fn place_weights(row_of_pair: IntTensor<Self>, weights: FloatTensor<Self>, rows: usize) -> FloatTensor<Self> {
+        let dtype = weights.dtype;
+        fused::<B>(Kernel::PlaceWeights(rows), vec![row_of_pair, weights], Shape::new([rows]), Some(dtype))
     }
 
     fn gather_rows(x: FloatTensor<Self>, source: IntTensor<Self>) -> FloatTensor<Self> {
         let shape = Shape::new([source.shape[0], x.shape[1]]);
-        fused::<B>(Kernel::Gather, vec![x, source], shape)
+        fused::<B>(Kernel::Gather, vec![x, source], shape, None)
     }
 
     fn combine_rows(
@@ -476,7 +650,17 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let shape = Shape::new([weights.shape[0], rows.shape[1]]);
-        fused::<B>(Kernel::Combine, vec![rows, row_of_pair, weights], shape)
+        fused::<B>(Kernel::Combine, vec![rows, row_of_pair, weights], shape, None)
+    }
+
+    fn select_experts(choice: FloatTensor<Self>, selection: &Selection) -> IntTensor<Self> {
+        let shape = Shape::new([choice.shape[0], selection.top_k]);
+        fused::<B>(
+            Kernel::Select(*selection),
+            vec![choice],
+            shape,
+            Some(<B::IntElem as burn::tensor::Element>::dtype()),
+        )
     }
 }
 
