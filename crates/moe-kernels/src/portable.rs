@@ -20,10 +20,10 @@ pub fn plan<B: Backend>(
     limit: CapacityLimit,
     layout: DispatchLayout,
 ) -> Result<DispatchPlan<B>, KernelError> {
-    plan_with_ranks(expert_ids, priority, num_experts, limit, layout, None)
+    plan_with_kernels(expert_ids, priority, num_experts, limit, layout, None)
 }
 
-/// Kernels a backend may hand to [`plan_with_ranks`] in place of the portable ops (burn 0.21's
+/// Kernels a backend may hand to [`plan_with_kernels`] in place of the portable ops (burn 0.21's
 /// 1-D `scatter` runs on one GPU thread, and its sort on the host).
 #[derive(Debug, Clone, Copy)]
 pub struct PlanKernels<B: Backend> {
@@ -39,7 +39,7 @@ pub struct PlanKernels<B: Backend> {
 
 /// [`plan`], with the in-expert ranks of the token-order case (no `priority`), the counts and
 /// the row placement computed by a backend's `kernels` when given.
-pub fn plan_with_ranks<B: Backend>(
+pub fn plan_with_kernels<B: Backend>(
     expert_ids: Tensor<B, 2, Int>,
     priority: Option<Tensor<B, 2>>,
     num_experts: usize,

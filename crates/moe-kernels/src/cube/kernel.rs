@@ -665,30 +665,16 @@ pub(crate) fn count_experts<I: Int>(ids: &Tensor<I>, counts: &mut Tensor<I>, #[d
     }
 }
 
-/// `source[row_of_pair[t, k]] = t + 1` for every pair placed at a row inside `source`
-/// (dropped pairs point past it): the plan's row-to-token map, one unit per pair. Rows no
-/// pair fills keep the zeros `source` starts with.
+/// `out[row_of_pair[t, k]] = values[t, k]` for every pair placed at a row inside `out` (dropped
+/// pairs point past it), one unit per pair; rows no pair fills keep the zeros `out` starts with.
+/// With `values` = token + 1 it is the plan's row-to-token map; with the pair weights, each
+/// row's weight (the combine's row gradient scales by it). `values` may be a broadcast view.
 #[cube(launch)]
-pub(crate) fn place_rows<I: Int>(row_of_pair: &Tensor<I>, source: &mut Tensor<I>, #[define(I)] _dtype: StorageType) {
-    let p = ABSOLUTE_POS;
-    if p >= row_of_pair.len() {
-        terminate!();
-    }
-    let r = usize::cast_from(row_of_pair[p]);
-    if r < source.len() {
-        source[r] = I::cast_from(p / row_of_pair.shape(1) + 1);
-    }
-}
-
-/// `out[row_of_pair[t, k]] = weights[t, k]` for every pair placed at a row inside `out`: each
-/// dispatch row's pair weight (the combine's row gradient scales by it). Rows no pair fills
-/// keep the zeros `out` starts with.
-#[cube(launch)]
-pub(crate) fn place_weights<F: Float, I: Int>(
+pub(crate) fn place_pairs<T: Numeric, I: Int>(
     row_of_pair: &Tensor<I>,
-    weights: &Tensor<F>,
-    out: &mut Tensor<F>,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    values: &Tensor<T>,
+    out: &mut Tensor<T>,
+    #[define(T, I)] _dtypes: [StorageType; 2],
 ) {
     let p = ABSOLUTE_POS;
     if p >= row_of_pair.len() {
@@ -697,6 +683,6 @@ pub(crate) fn place_weights<F: Float, I: Int>(
     let r = usize::cast_from(row_of_pair[p]);
     if r < out.len() {
         let top_k = row_of_pair.shape(1);
-        out[r] = weights[(p / top_k) * weights.stride(0) + (p % top_k) * weights.stride(1)];
+        out[r] = values[(p / top_k) * values.stride(0) + (p % top_k) * values.stride(1)];
     }
 }

@@ -24,7 +24,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 
 use kernel::{
     COUNT_UNITS, Direct, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, Tiling, combine_rows, count_experts,
-    gather_rows, grouped_gemm, place_rows, place_weights, rank_in_expert,
+    gather_rows, grouped_gemm, place_pairs, rank_in_expert,
 };
 
 use moe_router::Selection;
@@ -54,12 +54,12 @@ pub trait MoeCubeKernels: Backend {
     /// `0..num_experts`; `[num_experts]`.
     fn count_experts(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
 
-    /// See [`crate::portable::PlanKernels::place`]: `row_of_pair` `[T, K]`; `[rows]`.
-    fn place_rows(row_of_pair: IntTensor<Self>, rows: usize) -> IntTensor<Self>;
+    /// `[rows]`: the value (`values` `[T, K]`) of the pair at each row of `row_of_pair` `[T, K]`,
+    /// 0 for a row no pair fills; pairs at rows `>= rows` (dropped) are skipped.
+    fn place_int(row_of_pair: IntTensor<Self>, values: IntTensor<Self>, rows: usize) -> IntTensor<Self>;
 
-    /// `[rows]`: the weight (`weights` `[T, K]`) of the pair at each row of `row_of_pair`
-    /// `[T, K]`, 0 for a row no pair fills.
-    fn place_weights(row_of_pair: IntTensor<Self>, weights: FloatTensor<Self>, rows: usize) -> FloatTensor<Self>;
+    /// [`MoeCubeKernels::place_int`] for float values.
+    fn place_float(row_of_pair: IntTensor<Self>, values: FloatTensor<Self>, rows: usize) -> FloatTensor<Self>;
 
     /// `out[r] = x[source[r] - 1]` (`[rows, d]`), a zero row where `source[r]` is 0.
     fn gather_rows(x: FloatTensor<Self>, source: IntTensor<Self>) -> FloatTensor<Self>;
@@ -120,43 +120,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         out
     }
 
-    fn place_rows(row_of_pair: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
-        let row_of_pair = into_contiguous(row_of_pair);
-        let out =
-            zeros_client(row_of_pair.client.clone(), row_of_pair.device.clone(), Shape::new([rows]), row_of_pair.dtype);
-        let pairs = row_of_pair.meta.num_elements();
-        if rows == 0 || pairs == 0 {
-            return out;
-        }
-        place_rows::launch(
-            &row_of_pair.client,
-            row_cubes(pairs),
-            CubeDim::new_1d(ROW_UNITS),
-            row_of_pair.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            row_of_pair.dtype.into(),
-        );
-        out
+    fn place_int(row_of_pair: CubeTensor<R>, values: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
+        launch_place(row_of_pair, values, rows)
     }
 
-    fn place_weights(row_of_pair: CubeTensor<R>, weights: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
-        let row_of_pair = into_contiguous(row_of_pair);
-        let out = zeros_client(weights.client.clone(), weights.device.clone(), Shape::new([rows]), weights.dtype);
-        let pairs = row_of_pair.meta.num_elements();
-        if rows == 0 || pairs == 0 {
-            return out;
-        }
-        let dtypes = [weights.dtype.into(), row_of_pair.dtype.into()];
-        place_weights::launch(
-            &row_of_pair.client,
-            row_cubes(pairs),
-            CubeDim::new_1d(ROW_UNITS),
-            row_of_pair.clone().into_tensor_arg(),
-            weights.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            dtypes,
-        );
-        out
+    fn place_float(row_of_pair: CubeTensor<R>, values: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
+        launch_place(row_of_pair, values, rows)
     }
 
     fn gather_rows(x: CubeTensor<R>, source: CubeTensor<R>) -> CubeTensor<R> {
@@ -207,6 +176,27 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
     }
 }
 
+/// [`place_pairs`]: `[rows]` in `values`' dtype.
+fn launch_place<R: CubeRuntime>(row_of_pair: CubeTensor<R>, values: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
+    let row_of_pair = into_contiguous(row_of_pair);
+    let out = zeros_client(values.client.clone(), values.device.clone(), Shape::new([rows]), values.dtype);
+    let pairs = row_of_pair.meta.num_elements();
+    if rows == 0 || pairs == 0 {
+        return out;
+    }
+    let dtypes = [values.dtype.into(), row_of_pair.dtype.into()];
+    place_pairs::launch(
+        &row_of_pair.client,
+        row_cubes(pairs),
+        CubeDim::new_1d(ROW_UNITS),
+        row_of_pair.clone().into_tensor_arg(),
+        values.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        dtypes,
+    );
+    out
+}
+
 /// Cubes for one unit per element; a 2-D grid past the 65535 cubes a wgpu dimension holds.
 fn row_cubes(elements: usize) -> CubeCount {
     let cubes = elements.div_ceil(ROW_UNITS as usize) as u32;
@@ -214,12 +204,18 @@ fn row_cubes(elements: usize) -> CubeCount {
     CubeCount::Static(x, cubes.div_ceil(x), 1)
 }
 
-/// The plan's kernels on tensors, as [`portable::plan_with_ranks`] takes them.
+/// The plan's kernels on tensors, as [`portable::plan_with_kernels`] takes them.
 fn plan_kernels<B: MoeCubeKernels>() -> portable::PlanKernels<B> {
     portable::PlanKernels {
         rank: |ids, experts| Tensor::from_primitive(B::rank_in_expert(ids.into_primitive(), experts)),
         count: |ids, experts| Tensor::from_primitive(B::count_experts(ids.into_primitive(), experts)),
-        place: |row_of_pair, rows| Tensor::from_primitive(B::place_rows(row_of_pair.into_primitive(), rows)),
+        place: |row_of_pair, rows| {
+            let [tokens, top_k] = row_of_pair.dims();
+            let token_plus_one = Tensor::<B, 1, Int>::arange(1..tokens as i64 + 1, &row_of_pair.device())
+                .reshape([tokens, 1])
+                .expand([tokens, top_k]);
+            Tensor::from_primitive(B::place_int(row_of_pair.into_primitive(), token_plus_one.into_primitive(), rows))
+        },
     }
 }
 
@@ -408,7 +404,7 @@ macro_rules! cube_moe_methods {
             if !kernels_enabled() {
                 return portable::plan(expert_ids, priority, num_experts, limit, DispatchLayout::Padded);
             }
-            portable::plan_with_ranks(
+            portable::plan_with_kernels(
                 expert_ids,
                 priority,
                 num_experts,
@@ -460,7 +456,7 @@ macro_rules! cube_moe_methods {
             }
             let row_of_pair = plan.row_of_pair.clone().reshape([plan.tokens, plan.top_k]).into_primitive();
             let scaled = float_primitive(weights.clone().cast(grad_out.dtype()));
-            let row_weight = float_tensor(Self::place_weights(row_of_pair, scaled, rows.dims()[0]));
+            let row_weight = float_tensor(Self::place_float(row_of_pair, scaled, rows.dims()[0]));
             portable::combine_grad_with(rows, weights, grad_out, plan, row_weight)
         }
 
@@ -525,10 +521,8 @@ enum Kernel {
     Select(Selection),
     /// Inputs: ids (int), over this many experts; the output is int.
     Count(usize),
-    /// Inputs: row of each pair (int), into this many rows; the output is int.
-    Place(usize),
-    /// Inputs: row of each pair (int), weights, into this many rows.
-    PlaceWeights(usize),
+    /// Inputs: row of each pair (int), values (int or float), into this many rows.
+    Place { rows: usize, float: bool },
 }
 
 impl Kernel {
@@ -541,8 +535,7 @@ impl Kernel {
             Self::Rank(_) => "moe_rank_in_expert",
             Self::Select(_) => "moe_select_experts",
             Self::Count(_) => "moe_count_experts",
-            Self::Place(_) => "moe_place_rows",
-            Self::PlaceWeights(_) => "moe_place_weights",
+            Self::Place { .. } => "moe_place_pairs",
         }
     }
 }
@@ -567,7 +560,7 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
             Kernel::WeightGrad(segments) => B::grouped_gemm_weight_grad(float(handles, 0), float(handles, 1), segments),
             Kernel::Gather => B::gather_rows(float(handles, 0), int(handles, 1)),
             Kernel::Combine => B::combine_rows(float(handles, 0), int(handles, 1), float(handles, 2)),
-            Kernel::PlaceWeights(rows) => B::place_weights(int(handles, 0), float(handles, 1), *rows),
+            Kernel::Place { rows, float: true } => B::place_float(int(handles, 0), float(handles, 1), *rows),
             Kernel::Rank(experts) => {
                 let ranks = B::rank_in_expert(int(handles, 0), *experts);
                 return handles.register_int_tensor::<B>(&out, ranks);
@@ -580,9 +573,9 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
                 let counts = B::count_experts(int(handles, 0), *experts);
                 return handles.register_int_tensor::<B>(&out, counts);
             }
-            Kernel::Place(rows) => {
-                let source = B::place_rows(int(handles, 0), *rows);
-                return handles.register_int_tensor::<B>(&out, source);
+            Kernel::Place { rows, float: false } => {
+                let placed = B::place_int(int(handles, 0), int(handles, 1), *rows);
+                return handles.register_int_tensor::<B>(&out, placed);
             }
         };
         handles.register_float_tensor::<B>(&out, result);
@@ -630,13 +623,14 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
         fused::<B>(Kernel::Count(num_experts), vec![ids], Shape::new([num_experts]), None)
     }
 
-    fn place_rows(row_of_pair: IntTensor<Self>, rows: usize) -> IntTensor<Self> {
-        fused::<B>(Kernel::Place(rows), vec![row_of_pair], Shape::new([rows]), None)
+    fn place_int(row_of_pair: IntTensor<Self>, values: IntTensor<Self>, rows: usize) -> IntTensor<Self> {
+        let dtype = Some(values.dtype);
+        fused::<B>(Kernel::Place { rows, float: false }, vec![row_of_pair, values], Shape::new([rows]), dtype)
     }
 
-    fn place_weights(row_of_pair: IntTensor<Self>, weights: FloatTensor<Self>, rows: usize) -> FloatTensor<Self> {
-        let dtype = weights.dtype;
-        fused::<B>(Kernel::PlaceWeights(rows), vec![row_of_pair, weights], Shape::new([rows]), Some(dtype))
+    fn place_float(row_of_pair: IntTensor<Self>, values: FloatTensor<Self>, rows: usize) -> FloatTensor<Self> {
+        let dtype = Some(values.dtype);
+        fused::<B>(Kernel::Place { rows, float: true }, vec![row_of_pair, values], Shape::new([rows]), dtype)
     }
 
     fn gather_rows(x: FloatTensor<Self>, source: IntTensor<Self>) -> FloatTensor<Self> {

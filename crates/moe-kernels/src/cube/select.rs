@@ -108,7 +108,7 @@ fn select_experts<I: Int>(
     let mut kept = Array::<u32>::new(num_groups);
     #[unroll]
     for g in 0..num_groups {
-        kept[g] = 1;
+        kept[g] = comptime!(if num_groups == 1 { 1u32 } else { 0u32 });
     }
     if comptime!(num_groups > 1) {
         let keep = comptime!(spec.topk_groups);
@@ -134,10 +134,6 @@ fn select_experts<I: Int>(
                 sum = 0.0;
             }
             insert(&mut best, all_valid, sum, g as u32, keep);
-        }
-        #[unroll]
-        for g in 0..num_groups {
-            kept[g] = 0;
         }
         #[unroll]
         for s in 0..keep {
@@ -166,7 +162,7 @@ pub(crate) fn launch_select<R: CubeRuntime>(
     selection: &Selection,
     int_dtype: burn::tensor::DType,
 ) -> CubeTensor<R> {
-    let [tokens, _] = [choice.meta.shape()[0], choice.meta.shape()[1]];
+    let tokens = choice.meta.shape()[0];
     let out = empty_device_contiguous_dtype(
         choice.client.clone(),
         choice.device.clone(),
