@@ -83,17 +83,20 @@ kernels)
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$out/env.txt" 2>&1
     RUST_BACKTRACE=1 timeout 180 "$bin/cube_kernels" --nocapture --test-threads 1 on_cuda >"$out/kernels-cuda.txt" 2>&1
     echo "cuda kernel tests: exit $?"; grep -E "^test |relative error|tensor-core" "$out/kernels-cuda.txt" | head -80
-    # Tile sweep: TILES lists tile:warp pairs (MOE_GEMM_TILE and MOE_GEMM_WARP).
+    # Tile sweep: TILES lists tile:warp pairs (MOE_GEMM_TILE and MOE_GEMM_WARP), PIPES the
+    # pipelined kernel's depth x stages (MOE_GEMM_PIPE).
     for shape in dsv3 small; do
-        for cfg in ${TILES:-64x64:32x32 128x128:64x64 128x128:64x32 128x64:64x32 64x128:32x64}; do
-            tile=${cfg%%:*} warp=${cfg#*:}
-            MOE_GEMM_TILE=$tile MOE_GEMM_WARP=$warp timeout 90 "$bin/moe-gpu-bench" --shape $shape --mode fwd \
-                --tokens ${GEMM_TOKENS:-8192} --what gemm,gemm_wgrad --warmup 2 --reps 5 \
-                --out "$out/gemm-$shape-$tile-$warp.jsonl" | sed "s/^/$cfg /"
+        for cfg in ${TILES:-128x128:64x64 128x64:64x32 64x128:32x64}; do
+            for pipe in ${PIPES:-32x3}; do
+                tile=${cfg%%:*} warp=${cfg#*:}
+                MOE_GEMM_TILE=$tile MOE_GEMM_WARP=$warp MOE_GEMM_PIPE=$pipe timeout 90 "$bin/moe-gpu-bench" \
+                    --shape $shape --mode fwd --tokens ${GEMM_TOKENS:-8192} --what gemm,gemm_wgrad --warmup 2 --reps 5 \
+                    --out "$out/gemm-$shape.jsonl" | sed "s/^/$cfg $pipe /"
+            done
         done
     done
     # NVIDIA's Vulkan through wgpu: the loader comes from .gl/; keep the first panic's backtrace.
-    if [ -d .gl ]; then
+    if [ -d .gl ] && [ -z "${SKIP_WGPU:-}" ]; then
         for f in .gl/*.deb; do dpkg -x "$f" /; done
         ldconfig
         [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] &&

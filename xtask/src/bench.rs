@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: runs `benches/` with criterion, then tabulates criterion's estimates.
-//! `--backend cuda` builds and runs the GPU timing binary `moe-gpu-bench` (bf16, burn-cuda) and
-//! PyTorch's baselines, then prints both with their ratios.
+//! `--backend cuda` (bf16 on burn-cuda) or `--backend wgpu` (f32 on burn-wgpu: WGSL has no bf16)
+//! builds and runs the GPU timing binary `moe-gpu-bench` and PyTorch's baselines (bf16, on the
+//! same GPU), then prints both with their ratios.
 
 use clap::{Args, ValueEnum};
 use std::io::{BufRead, BufReader};
@@ -21,9 +22,9 @@ pub(crate) enum CpuBackend {
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// Which backend to run on: `cpu` (criterion benches) or `cuda` (the GPU timing binary in
+    /// Which backend to run on: `cpu` (criterion benches), `cuda` (the GPU timing binary in
     /// bf16 and PyTorch's baselines; needs an NVIDIA GPU and, for the baselines, python3 with
-    /// torch).
+    /// torch) or `wgpu` (the same with the binary in f32 on burn-wgpu; needs a Vulkan driver).
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// The CPU backend to build the benches with.
@@ -39,7 +40,7 @@ pub(crate) struct BenchArgs {
     gpu: GpuArgs,
 }
 
-/// Flags of `--backend cuda`.
+/// Flags of `--backend cuda` and `--backend wgpu`.
 #[derive(Args)]
 pub(crate) struct GpuArgs {
     /// Token counts T of the GPU rows.
@@ -58,9 +59,10 @@ pub(crate) struct GpuArgs {
     /// Timed iterations per GPU row (the median is reported).
     #[arg(long, default_value_t = 10)]
     reps: usize,
-    /// Where the GPU results go (`ours.jsonl`, `torch.json`, `memory.txt`, `table.md`).
-    #[arg(long, default_value = "target/gpu-bench")]
-    out: PathBuf,
+    /// Where the GPU results go (`ours.jsonl`, `torch.json`, `memory.txt`, `table.md`); by
+    /// default `target/gpu-bench`, and `target/gpu-bench-wgpu` for wgpu so that both are kept.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Copy the built binary and PyTorch's script here (for a machine without cargo), and stop.
     #[arg(long)]
     stage: Option<PathBuf>,
@@ -91,8 +93,8 @@ const TOKENS: f64 = 4096.0;
 pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     match args.backend.as_str() {
         "cpu" => {}
-        "cuda" => return run_gpu(&args.gpu, args.report_only),
-        other => return Err(format!("--backend {other}: expected `cpu` or `cuda`")),
+        "cuda" | "wgpu" => return run_gpu(&args.gpu, &args.backend, args.report_only),
+        other => return Err(format!("--backend {other}: expected `cpu`, `cuda` or `wgpu`")),
     }
     let root = workspace_root();
     if !args.report_only {
@@ -210,7 +212,7 @@ fn print_table(dir: &Path) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GPU: `--backend cuda`.
+// GPU: `--backend cuda` and `--backend wgpu`.
 
 const BIN: &str = "moe-gpu-bench";
 const TORCH_SCRIPT: &str = "torch_moe_bench.py";
@@ -221,10 +223,11 @@ fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
 }
 
-/// Builds `moe-gpu-bench` (release, `--features cuda`: burn-cuda with fusion and autotune).
-fn build_gpu_bench(root: &Path) -> Result<PathBuf, String> {
+/// Builds `moe-gpu-bench` (release, `--features cuda` or `wgpu`: the backend with fusion and
+/// autotune).
+fn build_gpu_bench(root: &Path, backend: &str) -> Result<PathBuf, String> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root).args(["build", "--release", "-p", "moe-benches", "--features", "cuda", "--bin", BIN]);
+    cmd.current_dir(root).args(["build", "--release", "-p", "moe-benches", "--features", backend, "--bin", BIN]);
     let status = cmd.status().map_err(|e| format!("could not start cargo: {e}"))?;
     if !status.success() {
         return Err(format!("cargo build of {BIN} failed: {status}"));
@@ -296,18 +299,23 @@ fn run_limited(label: &str, mut cmd: Command, limit: Duration, memory_log: &mut 
     line
 }
 
-fn run_gpu(args: &GpuArgs, report_only: bool) -> Result<(), String> {
+fn run_gpu(args: &GpuArgs, backend: &str, report_only: bool) -> Result<(), String> {
     // With --prebuilt the checkout may sit elsewhere than where xtask was built (a GPU machine
     // without cargo): work from the current directory, the repository's root there.
     let root = match &args.prebuilt {
         Some(_) => std::env::current_dir().map_err(|e| format!("current directory: {e}"))?,
         None => workspace_root(),
     };
-    let out = if args.out.is_absolute() { args.out.clone() } else { root.join(&args.out) };
+    let out = match &args.out {
+        Some(out) => out.clone(),
+        None if backend == "cuda" => PathBuf::from("target/gpu-bench"),
+        None => PathBuf::from(format!("target/gpu-bench-{backend}")),
+    };
+    let out = if out.is_absolute() { out } else { root.join(out) };
     if !report_only {
         let (bin, script) = match &args.prebuilt {
             Some(dir) => (dir.join(BIN), dir.join(TORCH_SCRIPT)),
-            None => (build_gpu_bench(&root)?, root.join("..").join("shared/tools").join(TORCH_SCRIPT)),
+            None => (build_gpu_bench(&root, backend)?, root.join("..").join("shared/tools").join(TORCH_SCRIPT)),
         };
         if let Some(stage) = &args.stage {
             std::fs::create_dir_all(stage).map_err(|e| format!("{}: {e}", stage.display()))?;
@@ -339,6 +347,8 @@ fn run_gpu(args: &GpuArgs, report_only: bool) -> Result<(), String> {
                 };
                 let mut cmd = Command::new(&bin);
                 cmd.current_dir(&root).args([
+                    "--backend",
+                    backend,
                     "--shape",
                     shape,
                     "--mode",
@@ -364,7 +374,7 @@ fn run_gpu(args: &GpuArgs, report_only: bool) -> Result<(), String> {
         }
         std::fs::write(out.join("memory.txt"), &memory_log).map_err(|e| format!("{}: {e}", out.display()))?;
     }
-    let table = gpu_table(&out)?;
+    let table = gpu_table(&out, backend)?;
     println!("\n{table}");
     std::fs::write(out.join("table.md"), &table).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(())
@@ -386,7 +396,7 @@ fn our_ms(rows: &[serde_json::Value], shape: &str, tokens: u64, mode: &str, what
 }
 
 /// The markdown table: ours against PyTorch's per row, with TFLOP/s on active FLOPs.
-fn gpu_table(out: &Path) -> Result<String, String> {
+fn gpu_table(out: &Path, backend: &str) -> Result<String, String> {
     use std::fmt::Write;
     let rows = our_rows(out);
     let torch: serde_json::Value = std::fs::read_to_string(out.join("torch.json"))
@@ -394,8 +404,14 @@ fn gpu_table(out: &Path) -> Result<String, String> {
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(serde_json::Value::Null);
     if rows.is_empty() && torch.is_null() {
-        return Err(format!("no GPU results under {}: run `cargo xtask bench --backend cuda` first", out.display()));
+        return Err(format!(
+            "no GPU results under {}: run `cargo xtask bench --backend {backend}` first",
+            out.display()
+        ));
     }
+    // Rows written before the binary recorded its float type were all bf16.
+    let dtype = |r: &serde_json::Value| r["dtype"].as_str().unwrap_or("bf16").to_string();
+    let ours_dtype = rows.first().map_or_else(|| "bf16".into(), dtype);
     let shapes: &[(&str, usize, usize, usize, usize, usize)] =
         &[("dsv3", 7168, 2048, 256, 8, 1), ("small", 1024, 512, 64, 6, 2)];
     let mut tokens: Vec<u64> =
@@ -408,7 +424,7 @@ fn gpu_table(out: &Path) -> Result<String, String> {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "One MoE layer, bf16, median ms; TFLOP/s on active FLOPs (T (K+S) 3 2 d h forward, 3x for fwd+bwd), % of {PEAK_TFLOPS} TFLOP/s."
+        "One MoE layer, ours in {ours_dtype} and PyTorch in bf16, median ms; TFLOP/s on active FLOPs (T (K+S) 3 2 d h forward, 3x for fwd+bwd), % of {PEAK_TFLOPS} TFLOP/s."
     );
     let _ = writeln!(
         s,
@@ -470,7 +486,8 @@ fn gpu_table(out: &Path) -> Result<String, String> {
         let _ = writeln!(s, "\nRouter alone (forward, ours): {}", router.join("; "));
     }
     if let Some(mm) = rows.iter().find(|r| r["what"] == "mm8192") {
-        let _ = write!(s, "\nbf16 8192^3 matmul: burn {:.1} TFLOP/s", mm["tflops"].as_f64().unwrap_or(f64::NAN));
+        let _ =
+            write!(s, "\n{} 8192^3 matmul: burn {:.1} TFLOP/s", dtype(mm), mm["tflops"].as_f64().unwrap_or(f64::NAN));
     }
     if let Some(v) = torch["bf16_matmul_tflops"].as_f64() {
         let _ = write!(s, "; PyTorch {v:.1} TFLOP/s; copy {:.2} TB/s", torch["copy_tbps"].as_f64().unwrap_or(f64::NAN));

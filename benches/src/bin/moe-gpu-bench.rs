@@ -1,7 +1,10 @@
-//! GPU timing of one MoE layer in bf16 on `burn::backend::Cuda<bf16, i32>` (fusion + autotune
-//! on), through the CubeCL kernels of `moe_kernels::cube`, or the portable `MoeBackend` path
-//! with `MOE_KERNELS=portable` (each row's JSON says which: `"path"`). Run by `cargo xtask bench --backend
-//! cuda`, which also runs PyTorch's baselines and prints the ratios.
+//! GPU timing of one MoE layer on `--backend cuda` (`burn::backend::Cuda<bf16, i32>`, feature
+//! `cuda`) or `--backend wgpu` (`burn::backend::Wgpu<f32, i32>`, feature `wgpu`: WGSL, the shader
+//! language of wgpu on NVIDIA's Vulkan driver, has no bf16), fusion + autotune on, through the
+//! CubeCL kernels of `moe_kernels::cube`, or the portable `MoeBackend` path with
+//! `MOE_KERNELS=portable` (each row's JSON says which: `"path"`, and in which float type:
+//! `"dtype"`). Run by `cargo xtask bench --backend cuda|wgpu`, which also runs PyTorch's
+//! baselines and prints the ratios.
 //!
 //! Method (a plain timing binary, not criterion: see docs/performance.md, "H200"): for each row,
 //! `--warmup` untimed iterations first (cubecl autotunes and compiles kernels on first calls),
@@ -14,32 +17,69 @@
 //! What is timed, per (shape, T):
 //! - `layer`: `MoeLayer::forward` (router + sorted dispatch, Padded layout, + shared experts);
 //!   forward, or forward + backward of `mean(y^2)` (in f32) with gradients of the input and of
-//!   every weight (`Autodiff<Cuda<bf16>>`).
+//!   every weight (`Autodiff` of the backend).
 //! - `dense`: a dense SwiGLU of width `(K + S) * h` on the same T tokens: exactly the layer's
 //!   active FLOPs, through the same burn matmuls, so the ceiling burn reaches on this work.
 //! - `router`: the router alone (forward only).
 //! - `gemm`: the grouped GEMM kernel alone (`moe_kernels::cube`), `[T K, d] x [E, d, h]` with
 //!   every expert owning `T K / E` rows (balanced routing), forward only; `gemm_wgrad`: its
-//!   weight-gradient product `[T K, d]^T [T K, h]` per expert. `MOE_GEMM_TILE` picks the tile.
+//!   weight-gradient product `[T K, d]^T [T K, h]` per expert; `gemm_down`: the down
+//!   projection's shape, `[T K, h] x [E, h, d]`. `MOE_GEMM_TILE` picks the tile.
 //! - `stages`: the forward's pieces one at a time on the same routing, so their sum can be set
 //!   against the `layer` row: `select` and `count` (the router's selection and per-expert
 //!   counts alone), `plan`, `permute`,
 //!   `swiglu` (the grouped expert MLPs), `combine`, `shared` (the shared experts).
-//! - `mm8192`: a plain bf16 8192^3 matmul through burn (once, forward mode), against PyTorch's
-//!   `bf16_matmul_tflops`.
+//! - `mm8192`: a plain 8192^3 matmul in the backend's float type through burn (once, forward
+//!   mode), against PyTorch's `bf16_matmul_tflops`.
 
 #![allow(missing_docs)]
 
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+compile_error!("moe-gpu-bench needs feature `cuda` or `wgpu`");
+
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, FloatDType, Tensor, bf16};
+use burn::tensor::{Distribution, FloatDType, Tensor};
+use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement};
 use moe_experts::{MoeLayer, MoeLayerConfig, SwiGluConfig};
+use moe_kernels::MoeBackend;
 use moe_router::RouterConfig;
 use std::io::Write;
 use std::time::Instant;
 
-type G = burn::backend::Cuda<bf16, i32>;
-type Ad = Autodiff<G>;
+/// A backend the binary times, with what its `gemm` rows need to launch the kernels on the
+/// cube runtime under fusion directly.
+trait GpuBackend: MoeBackend {
+    type Runtime: CubeRuntime;
+    type Float: FloatElement;
+    /// The float type's name in the JSON rows.
+    const DTYPE: &'static str;
+}
+
+#[cfg(feature = "cuda")]
+impl GpuBackend for burn::backend::Cuda<burn::tensor::bf16, i32> {
+    type Runtime = cubecl::cuda::CudaRuntime;
+    type Float = burn::tensor::bf16;
+    const DTYPE: &'static str = "bf16";
+}
+
+#[cfg(feature = "wgpu")]
+impl GpuBackend for burn::backend::Wgpu<f32, i32> {
+    type Runtime = cubecl::wgpu::WgpuRuntime;
+    type Float = f32;
+    const DTYPE: &'static str = "f32";
+}
+
+/// Every row `Args` asks for, on one backend.
+type Run = fn(&Args);
+
+/// The `--backend` values this build has, the default first, each with its run.
+const BACKENDS: &[(&str, Run)] = &[
+    #[cfg(feature = "cuda")]
+    ("cuda", run::<burn::backend::Cuda<burn::tensor::bf16, i32>>),
+    #[cfg(feature = "wgpu")]
+    ("wgpu", run::<burn::backend::Wgpu<f32, i32>>),
+];
 
 /// One layer shape of the issue.
 #[derive(Clone, Copy)]
@@ -81,6 +121,8 @@ impl Shape {
 }
 
 struct Args {
+    /// `run` on the `--backend`.
+    run: Run,
     shape: Shape,
     mode: String,
     tokens: Vec<usize>,
@@ -92,8 +134,9 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: moe-gpu-bench --shape dsv3|small --mode fwd|fwdbwd [--tokens 4096,8192,16384] \
-         [--what layer,dense,router,stages,gemm,gemm_wgrad,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]"
+        "usage: moe-gpu-bench [--backend {}] --shape dsv3|small --mode fwd|fwdbwd [--tokens 4096,8192,16384] \
+         [--what layer,dense,router,stages,gemm,gemm_wgrad,gemm_down,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]",
+        BACKENDS.iter().map(|b| b.0).collect::<Vec<_>>().join("|")
     );
     std::process::exit(2)
 }
@@ -101,6 +144,7 @@ fn usage() -> ! {
 fn parse_args() -> Args {
     let mut it = std::env::args().skip(1);
     let mut args = Args {
+        run: BACKENDS[0].1,
         shape: SHAPES[1],
         mode: "fwd".into(),
         tokens: vec![4096, 8192, 16384],
@@ -112,6 +156,10 @@ fn parse_args() -> Args {
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| usage());
         match flag.as_str() {
+            "--backend" => {
+                let v = value();
+                args.run = BACKENDS.iter().find(|b| b.0 == v).unwrap_or_else(|| usage()).1;
+            }
             "--shape" => {
                 let v = value();
                 args.shape = *SHAPES.iter().find(|s| s.name == v).unwrap_or_else(|| usage());
@@ -170,14 +218,14 @@ fn time<B: Backend, R>(device: &B::Device, warmup: usize, reps: usize, mut f: im
 
 /// Times forward + backward through `forward` from `x`: the loss is `mean(y^2)` in f32, and
 /// the input's gradient is read, so every weight's and the input's gradient are computed.
-fn time_fwdbwd<const D: usize>(
+fn time_fwdbwd<B: Backend, const D: usize>(
     args: &Args,
-    device: &burn::tensor::Device<Ad>,
-    x: Tensor<Ad, D>,
-    forward: impl Fn(Tensor<Ad, D>) -> Tensor<Ad, D>,
+    device: &B::Device,
+    x: Tensor<Autodiff<B>, D>,
+    forward: impl Fn(Tensor<Autodiff<B>, D>) -> Tensor<Autodiff<B>, D>,
 ) -> (f64, Vec<f64>) {
     let x = x.require_grad();
-    time::<Ad, _>(device, args.warmup, args.reps, || {
+    time::<Autodiff<B>, _>(device, args.warmup, args.reps, || {
         let grads = forward(x.clone()).cast(FloatDType::F32).powi_scalar(2).mean().backward();
         let _ = x.grad(&grads).expect("input gradient");
         grads
@@ -199,12 +247,12 @@ struct Row<'a> {
     ms: Vec<f64>,
 }
 
-fn emit(args: &Args, row: Row<'_>) {
+fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
     let med = median(&row.ms);
     let tflops = if row.flops > 0.0 { row.flops / med / 1e9 } else { f64::NAN };
     let json = format!(
         "{{\"shape\":\"{}\",\"tokens\":{},\"mode\":\"{}\",\"what\":\"{}\",\"median_ms\":{:.4},\"min_ms\":{:.4},\
-         \"max_ms\":{:.4},\"first_ms\":{:.2},\"reps\":{},\"warmup\":{},\"flops\":{:.6e},\"tflops\":{},\"path\":\"{}\"}}",
+         \"max_ms\":{:.4},\"first_ms\":{:.2},\"reps\":{},\"warmup\":{},\"flops\":{:.6e},\"tflops\":{},\"path\":\"{}\",\"dtype\":\"{}\"}}",
         row.shape,
         row.tokens,
         row.mode,
@@ -218,6 +266,7 @@ fn emit(args: &Args, row: Row<'_>) {
         row.flops,
         if tflops.is_finite() { format!("{tflops:.2}") } else { "null".into() },
         if moe_kernels::cube::kernels_enabled() { "kernels" } else { "portable" },
+        B::DTYPE,
     );
     println!(
         "{:<6} T {:>6} {:<7} {:<7} median {:>9.3} ms (min {:.3}, max {:.3}, first {:.0} ms)  {:>7.1} TFLOP/s  {:>5.1}% of 759",
@@ -238,26 +287,29 @@ fn emit(args: &Args, row: Row<'_>) {
     }
 }
 
-/// The grouped GEMM kernel alone on the inner cube backend: balanced segments of `T K / E`
-/// rows (the last takes the remainder). Returns (first ms, sorted ms, FLOPs).
-fn time_grouped_gemm(args: &Args, t: usize, weight_grad: bool) -> (f64, Vec<f64>, f64) {
-    type Inner = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, bf16, i32, u8>;
+/// The grouped GEMM kernel alone on the cube runtime `R` in float `F`: balanced segments of
+/// `T K / E` rows (the last takes the remainder), for `what` = `gemm`, `gemm_wgrad` or
+/// `gemm_down`. Returns (first ms, sorted ms, FLOPs).
+fn time_grouped_gemm<R: CubeRuntime, F: FloatElement>(args: &Args, t: usize, what: &str) -> (f64, Vec<f64>, f64) {
+    // No bool tensor is made here, so the bool element does not matter.
+    type Inner<R, F> = CubeBackend<R, F, i32, u8>;
     let device = Default::default();
     let sh = args.shape;
     let rows = t * sh.k;
     let mut segments = vec![rows / sh.e; sh.e];
     segments[sh.e - 1] += rows % sh.e;
     let normal = Distribution::Normal(0.0, 1.0);
-    let x = Tensor::<Inner, 2>::random([rows, sh.d], normal, &device).into_primitive().tensor();
+    let (d, h) = if what == "gemm_down" { (sh.h, sh.d) } else { (sh.d, sh.h) };
+    let x = Tensor::<Inner<R, F>, 2>::random([rows, d], normal, &device).into_primitive().tensor();
     let cores = moe_kernels::cube::use_tensor_cores;
-    let (first, ms) = if weight_grad {
-        let g = Tensor::<Inner, 2>::random([rows, sh.h], normal, &device).into_primitive().tensor();
-        time::<Inner, _>(&device, args.warmup, args.reps, || {
+    let (first, ms) = if what == "gemm_wgrad" {
+        let g = Tensor::<Inner<R, F>, 2>::random([rows, h], normal, &device).into_primitive().tensor();
+        time::<Inner<R, F>, _>(&device, args.warmup, args.reps, || {
             moe_kernels::cube::launch_weight_grad(x.clone(), g.clone(), &segments, cores)
         })
     } else {
-        let w = Tensor::<Inner, 3>::random([sh.e, sh.d, sh.h], normal, &device).into_primitive().tensor();
-        time::<Inner, _>(&device, args.warmup, args.reps, || {
+        let w = Tensor::<Inner<R, F>, 3>::random([sh.e, d, h], normal, &device).into_primitive().tensor();
+        time::<Inner<R, F>, _>(&device, args.warmup, args.reps, || {
             moe_kernels::cube::launch_rows(x.clone(), w.clone(), &segments, cores)
         })
     };
@@ -266,59 +318,64 @@ fn time_grouped_gemm(args: &Args, t: usize, weight_grad: bool) -> (f64, Vec<f64>
 
 /// The `stages` rows: each piece of the layer's forward timed alone, on one routing of `t`
 /// random tokens.
-fn time_stages(args: &Args, device: &burn::tensor::Device<G>, t: usize) {
-    use moe_kernels::{CapacityLimit, MoeBackend};
+fn time_stages<B: GpuBackend>(args: &Args, device: &B::Device, t: usize) {
+    use moe_kernels::CapacityLimit;
     let sh = args.shape;
-    let layer = sh.layer::<G>(device);
-    let x = Tensor::<G, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), device);
-    let routing = layer.router.forward_with(x.clone(), G::moe_select_experts, G::moe_expert_counts);
+    let layer = sh.layer::<B>(device);
+    let x = Tensor::<B, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), device);
+    let routing = layer.router.forward_with(x.clone(), B::moe_select_experts, B::moe_expert_counts);
     let choice = routing.scores.clone() + layer.router.bias().reshape([1, sh.e]);
     let selection = layer.router.selection();
-    let plan = G::moe_plan(routing.expert_ids.clone(), None, sh.e, CapacityLimit::Dropless).expect("valid plan");
-    let rows = G::moe_permute(x.clone(), &plan);
+    let plan = B::moe_plan(routing.expert_ids.clone(), None, sh.e, CapacityLimit::Dropless).expect("valid plan");
+    let rows = B::moe_permute(x.clone(), &plan);
     let bank = &layer.experts;
     let (gate, up, down) = (bank.gate.val(), bank.up.val(), bank.down.val());
-    let y = G::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan);
+    let y = B::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan);
     let emit_stage = |what, (first_ms, ms)| {
-        emit(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, first_ms, ms });
+        emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, first_ms, ms });
     };
     let (w, r) = (args.warmup, args.reps);
-    emit_stage("select", time::<G, _>(device, w, r, || G::moe_select_experts(choice.clone(), &selection)));
-    emit_stage("count", time::<G, _>(device, w, r, || G::moe_expert_counts(routing.expert_ids.clone(), sh.e)));
+    emit_stage("select", time::<B, _>(device, w, r, || B::moe_select_experts(choice.clone(), &selection)));
+    emit_stage("count", time::<B, _>(device, w, r, || B::moe_expert_counts(routing.expert_ids.clone(), sh.e)));
     emit_stage(
         "plan",
-        time::<G, _>(device, w, r, || {
-            G::moe_plan(routing.expert_ids.clone(), None, sh.e, CapacityLimit::Dropless).expect("valid plan")
+        time::<B, _>(device, w, r, || {
+            B::moe_plan(routing.expert_ids.clone(), None, sh.e, CapacityLimit::Dropless).expect("valid plan")
         }),
     );
-    emit_stage("permute", time::<G, _>(device, w, r, || G::moe_permute(x.clone(), &plan)));
+    emit_stage("permute", time::<B, _>(device, w, r, || B::moe_permute(x.clone(), &plan)));
     emit_stage(
         "swiglu",
-        time::<G, _>(device, w, r, || {
-            G::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan)
+        time::<B, _>(device, w, r, || {
+            B::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan)
         }),
     );
-    emit_stage("combine", time::<G, _>(device, w, r, || G::moe_combine(y.clone(), routing.weights.clone(), &plan)));
+    emit_stage("combine", time::<B, _>(device, w, r, || B::moe_combine(y.clone(), routing.weights.clone(), &plan)));
     if let Some(shared) = &layer.shared {
-        emit_stage("shared", time::<G, _>(device, w, r, || shared.forward(x.clone())));
+        emit_stage("shared", time::<B, _>(device, w, r, || shared.forward(x.clone())));
     }
 }
 
 fn main() {
     let args = parse_args();
+    (args.run)(&args);
+}
+
+/// Every row `args` asks for, on backend `B`.
+fn run<B: GpuBackend>(args: &Args) {
     let device = Default::default();
-    G::seed(&device, 0);
+    B::seed(&device, 0);
     let sh = args.shape;
     let fwd = args.mode == "fwd";
     let wants = |w: &str| args.what.iter().any(|x| x == w);
 
     if fwd && wants("mm8192") {
         let n = 8192;
-        let a = Tensor::<G, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
-        let b = Tensor::<G, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
-        let (first, ms) = time::<G, _>(&device, args.warmup, args.reps, || a.clone().matmul(b.clone()));
-        emit(
-            &args,
+        let a = Tensor::<B, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::<B, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
+        let (first, ms) = time::<B, _>(&device, args.warmup, args.reps, || a.clone().matmul(b.clone()));
+        emit::<B>(
+            args,
             Row {
                 shape: "mm",
                 tokens: n,
@@ -330,7 +387,7 @@ fn main() {
             },
         );
         drop((a, b));
-        G::memory_cleanup(&device);
+        B::memory_cleanup(&device);
     }
 
     let mode = if fwd { "fwd" } else { "fwdbwd" };
@@ -339,55 +396,54 @@ fn main() {
         let row = |what, (first_ms, ms)| Row { shape: sh.name, tokens: t, mode, what, flops, first_ms, ms };
         if wants("layer") {
             let timed = if fwd {
-                let layer = sh.layer::<G>(&device);
-                let x = Tensor::<G, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-                time::<G, _>(&device, args.warmup, args.reps, || layer.forward(x.clone()).expect("valid").0)
+                let layer = sh.layer::<B>(&device);
+                let x = Tensor::<B, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device);
+                time::<B, _>(&device, args.warmup, args.reps, || layer.forward(x.clone()).expect("valid").0)
             } else {
-                let layer = sh.layer::<Ad>(&device);
-                let x = Tensor::<Ad, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-                time_fwdbwd(&args, &device, x, |x| layer.forward(x).expect("valid").0)
+                let layer = sh.layer::<Autodiff<B>>(&device);
+                let x = Tensor::<Autodiff<B>, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device);
+                time_fwdbwd::<B, 3>(args, &device, x, |x| layer.forward(x).expect("valid").0)
             };
-            emit(&args, row("layer", timed));
-            G::memory_cleanup(&device);
+            emit::<B>(args, row("layer", timed));
+            B::memory_cleanup(&device);
         }
-        for what in ["gemm", "gemm_wgrad"] {
+        for what in ["gemm", "gemm_wgrad", "gemm_down"] {
             if wants(what) && fwd {
-                let (first, ms, flops) = time_grouped_gemm(&args, t, what == "gemm_wgrad");
-                emit(&args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops, first_ms: first, ms });
-                G::memory_cleanup(&device);
+                let (first, ms, flops) = time_grouped_gemm::<B::Runtime, B::Float>(args, t, what);
+                emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops, first_ms: first, ms });
+                B::memory_cleanup(&device);
             }
         }
         if wants("router") && fwd {
-            let layer = sh.layer::<G>(&device);
-            let x = Tensor::<G, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-            let (first, ms) = time::<G, _>(&device, args.warmup, args.reps, || {
-                use moe_kernels::MoeBackend;
-                layer.router.forward_with(x.clone(), G::moe_select_experts, G::moe_expert_counts)
+            let layer = sh.layer::<B>(&device);
+            let x = Tensor::<B, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
+            let (first, ms) = time::<B, _>(&device, args.warmup, args.reps, || {
+                layer.router.forward_with(x.clone(), B::moe_select_experts, B::moe_expert_counts)
             });
-            emit(
-                &args,
+            emit::<B>(
+                args,
                 Row { shape: sh.name, tokens: t, mode: "fwd", what: "router", flops: 0.0, first_ms: first, ms },
             );
             drop(layer);
-            G::memory_cleanup(&device);
+            B::memory_cleanup(&device);
         }
         if wants("stages") && fwd {
-            time_stages(&args, &device, t);
-            G::memory_cleanup(&device);
+            time_stages::<B>(args, &device, t);
+            B::memory_cleanup(&device);
         }
         if wants("dense") {
             let width = (sh.k + sh.s) * sh.h;
             let timed = if fwd {
-                let mlp = SwiGluConfig::new(sh.d, width).init::<G>(&device);
-                let x = Tensor::<G, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-                time::<G, _>(&device, args.warmup, args.reps, || mlp.forward(x.clone()))
+                let mlp = SwiGluConfig::new(sh.d, width).init::<B>(&device);
+                let x = Tensor::<B, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
+                time::<B, _>(&device, args.warmup, args.reps, || mlp.forward(x.clone()))
             } else {
-                let mlp = SwiGluConfig::new(sh.d, width).init::<Ad>(&device);
-                let x = Tensor::<Ad, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-                time_fwdbwd(&args, &device, x, |x| mlp.forward(x))
+                let mlp = SwiGluConfig::new(sh.d, width).init::<Autodiff<B>>(&device);
+                let x = Tensor::<Autodiff<B>, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
+                time_fwdbwd::<B, 2>(args, &device, x, |x| mlp.forward(x))
             };
-            emit(&args, row("dense", timed));
-            G::memory_cleanup(&device);
+            emit::<B>(args, row("dense", timed));
+            B::memory_cleanup(&device);
         }
     }
 }

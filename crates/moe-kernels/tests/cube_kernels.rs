@@ -13,15 +13,17 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime};
 use moe_kernels::cube::{MoeCubeKernels, launch_rows, launch_weight_grad, use_tensor_cores};
 
-/// (name, rows per expert, a, b)
+/// (name, rows per expert, a, b). On the tensor-core path, cases whose widths are multiples of
+/// 8 take the pipelined kernel (the first one with a depth shorter than one step and an output
+/// width that is not a multiple of 16), the third and fourth the general one.
 const CASES: &[(&str, &[usize], usize, usize)] = &[
     ("segments that are not tile multiples", &[3, 0, 70, 129, 1], 40, 72),
     ("one expert takes every row", &[0, 0, 200, 0], 96, 64),
     ("a single row", &[0, 1, 0], 33, 17),
     ("wide, deep and ragged", &[65, 1, 0, 64, 127], 160, 130),
-    // 16-aligned widths: full tiles take the tensor cores' direct path, the rest the staged one.
+    // Full and partial 128-row tiles, whole-fragment stores.
     ("aligned, full and partial tiles", &[130, 0, 64, 200, 17], 128, 96),
-    // Wide enough for the default 128x128 tiles to load directly too.
+    // Several pipeline steps deep, several 128-wide tiles across.
     ("aligned, 128-wide tiles", &[300, 0, 128, 17, 260], 256, 256),
 ];
 

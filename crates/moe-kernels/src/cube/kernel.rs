@@ -1,4 +1,6 @@
-//! The grouped GEMM kernel: one launch multiplies every expert's segment of the sorted rows.
+//! The general grouped GEMM kernel: one launch multiplies every expert's segment of the sorted
+//! rows, for any widths and strides (the pipelined kernel in `pipelined.rs` takes the aligned
+//! half-precision cases on devices with asynchronous copies).
 //!
 //! A cube computes one `tile_m x tile_n` output tile (multiples of 32, comptime). Operand tiles are
 //! staged in shared memory with zeros outside the valid range, so segment sizes need not be
@@ -53,34 +55,11 @@ pub(crate) fn grouped_gemm<F: Float>(
     out: &mut Tensor<F>,
     #[comptime] mode: u32,
     #[comptime] tiling: Tiling,
-    #[comptime] direct: Direct,
     #[define(F)] _dtype: StorageType,
 ) {
     let tile_m = comptime!(tiling.tile_m);
     let tile_n = comptime!(tiling.tile_n);
-    // Where this cube's tile lies, and the reduction range. Row tiles run along x (there
-    // can be many), column blocks along y.
-    let (expert, m0, m_end, k_begin, k_end, n0) = if comptime!(mode == MODE_ROWS) {
-        let t = CUBE_POS_X as usize * 3;
-        (
-            tiles[t] as usize,
-            tiles[t + 1] as usize,
-            tiles[t + 2] as usize,
-            0usize,
-            lhs.shape(1),
-            CUBE_POS_Y as usize * tile_n,
-        )
-    } else {
-        let e = CUBE_POS_Z as usize;
-        (
-            e,
-            CUBE_POS_Y as usize * tile_m,
-            lhs.shape(1),
-            tiles[e] as usize,
-            tiles[e + 1] as usize,
-            CUBE_POS_X as usize * tile_n,
-        )
-    };
+    let (expert, m0, m_end, k_begin, k_end, n0) = tile_position::<F>(lhs, tiles, mode, tile_m, tile_n);
     let n_end = out.shape(out.rank() - 1);
     let bounds = TileBounds { expert, m0, m_end, n0, n_end };
 
@@ -100,34 +79,6 @@ pub(crate) fn grouped_gemm<F: Float>(
             acc.push(zero_accumulator());
         }
         let mut k0 = k_begin;
-        // With 16-aligned operands, fragments load straight from global memory (no staging,
-        // no barrier) for every whole 16-deep step; the staged loop below takes what is left.
-        // A row tile may run past its segment into the next one's rows: output rows depend
-        // only on their own input rows, and the epilogue writes the segment's rows only. It
-        // must not run past the buffer or the output's columns.
-        let rows_in_buffer = if comptime!(mode == MODE_ROWS) { lhs.shape(0) } else { m_end };
-        let direct_load = comptime!(direct.usable) && m0 + tile_m <= rows_in_buffer && n0 + tile_n <= n_end;
-        let full = direct_load && m0 + tile_m <= m_end;
-        if direct_load {
-            let k_direct_end = k_begin + (k_end - k_begin) / 16 * 16;
-            // Two depth steps per iteration: both steps' loads are issued before their
-            // products, so the plane has twice the loads in flight.
-            while k0 + 32 <= k_direct_end {
-                let a0 = direct_a::<F>(lhs, m0 + pm, k0, fm, mode);
-                let b0 = direct_b::<F>(rhs, expert, n0 + pn, k0, fnn, mode, direct);
-                let a1 = direct_a::<F>(lhs, m0 + pm, k0 + 16, fm, mode);
-                let b1 = direct_b::<F>(rhs, expert, n0 + pn, k0 + 16, fnn, mode, direct);
-                multiply_accumulate::<F>(&a0, &b0, &acc, fm, fnn);
-                multiply_accumulate::<F>(&a1, &b1, &acc, fm, fnn);
-                k0 += 32;
-            }
-            if k0 < k_direct_end {
-                let a = direct_a::<F>(lhs, m0 + pm, k0, fm, mode);
-                let b = direct_b::<F>(rhs, expert, n0 + pn, k0, fnn, mode, direct);
-                multiply_accumulate::<F>(&a, &b, &acc, fm, fnn);
-                k0 += 16;
-            }
-        }
         while k0 < k_end {
             stage_operands::<F>(lhs, rhs, &mut stage_a, &mut stage_b, &bounds, k0, k_end, mode, tiling);
             sync_cube();
@@ -165,16 +116,6 @@ pub(crate) fn grouped_gemm<F: Float>(
             k0 += TILE_K;
         }
         let (m, n) = (m0 + pm, n0 + pn);
-        if full {
-            #[unroll]
-            for i in 0..fm {
-                #[unroll]
-                for j in 0..fnn {
-                    store_direct::<F>(out, acc.index(i * fnn + j), expert, m + i * 16, n + j * 16, mode);
-                }
-            }
-            terminate!();
-        }
         // Through shared memory, one 16x16 fragment per plane at a time, because fragments
         // have no per-element addressing to mask the rows of the next segment.
         let planes = comptime!(tiling.units() as usize / 32);
@@ -229,9 +170,44 @@ pub(crate) fn grouped_gemm<F: Float>(
     }
 }
 
+/// Where a grouped-GEMM cube's tile lies, as `(expert, m0, m_end, k_begin, k_end, n0)`: its
+/// expert, first output row and the end of its rows, the reduction range, and its first
+/// column. Row tiles run along x (there can be many), column blocks along y; weight-gradient
+/// tiles are (column block, row block, expert).
+#[cube]
+pub(crate) fn tile_position<F: Float>(
+    lhs: &Tensor<F>,
+    tiles: &Array<u32>,
+    #[comptime] mode: u32,
+    #[comptime] tile_m: usize,
+    #[comptime] tile_n: usize,
+) -> (usize, usize, usize, usize, usize, usize) {
+    if comptime!(mode == MODE_ROWS) {
+        let t = CUBE_POS_X as usize * 3;
+        (
+            tiles[t] as usize,
+            tiles[t + 1] as usize,
+            tiles[t + 2] as usize,
+            0usize,
+            lhs.shape(1),
+            CUBE_POS_Y as usize * tile_n,
+        )
+    } else {
+        let e = CUBE_POS_Z as usize;
+        (
+            e,
+            CUBE_POS_Y as usize * tile_m,
+            lhs.shape(1),
+            tiles[e] as usize,
+            tiles[e + 1] as usize,
+            CUBE_POS_X as usize * tile_n,
+        )
+    }
+}
+
 /// `acc[i][j] += a[i] b[j]` over the plane's `fm x fnn` fragments.
 #[cube]
-fn multiply_accumulate<F: Float>(
+pub(crate) fn multiply_accumulate<F: Float>(
     a: &Sequence<cmma::Matrix<F>>,
     b: &Sequence<cmma::Matrix<F>>,
     acc: &Sequence<cmma::Matrix<f32>>,
@@ -250,7 +226,7 @@ fn multiply_accumulate<F: Float>(
 
 /// A 16x16 f32 accumulator fragment filled with zeros.
 #[cube]
-fn zero_accumulator() -> cmma::Matrix<f32> {
+pub(crate) fn zero_accumulator() -> cmma::Matrix<f32> {
     cmma::Matrix::<f32>::from_value(
         cmma::MatrixIdent::Accumulator,
         16usize,
@@ -261,109 +237,9 @@ fn zero_accumulator() -> cmma::Matrix<f32> {
     )
 }
 
-/// Which operand layouts allow fragments straight from global memory (decided on the host
-/// from the strides: every leading stride a multiple of 16 elements, the other stride 1).
-#[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Direct {
-    /// Full tiles may load fragments from global memory.
-    pub(crate) usable: bool,
-    /// `B` is column-major in memory (the transposed weights of the row gradient).
-    pub(crate) b_col_major: bool,
-}
-
-/// The plane's `fm` `A` fragments at depth `k0`, read from global memory: rows `m..m + 16 fm`
-/// of the segment (row-major), or of `lhs^T` (column-major in memory) for the weight gradient.
-#[cube]
-fn direct_a<F: Float>(
-    lhs: &Tensor<F>,
-    m: usize,
-    k0: usize,
-    #[comptime] fm: usize,
-    #[comptime] mode: u32,
-) -> Sequence<cmma::Matrix<F>> {
-    let len = lhs.len();
-    let s = lhs.stride(0);
-    let mut a = Sequence::<cmma::Matrix<F>>::new();
-    #[unroll]
-    for i in 0..fm {
-        if comptime!(mode == MODE_ROWS) {
-            a.push(fragment::<F>(lhs, (m + i * 16) * s + k0, len, s, cmma::MatrixIdent::A, false));
-        } else {
-            a.push(fragment::<F>(lhs, k0 * s + m + i * 16, len, s, cmma::MatrixIdent::A, true));
-        }
-    }
-    a
-}
-
-/// The plane's `fnn` `B` fragments at depth `k0`, columns `n..n + 16 fnn`: of `rhs[expert]`
-/// (row- or column-major) for row tiles, of the gradient rows for the weight gradient.
-#[cube]
-fn direct_b<F: Float>(
-    rhs: &Tensor<F>,
-    expert: usize,
-    n: usize,
-    k0: usize,
-    #[comptime] fnn: usize,
-    #[comptime] mode: u32,
-    #[comptime] direct: Direct,
-) -> Sequence<cmma::Matrix<F>> {
-    let len = rhs.len();
-    let mut b = Sequence::<cmma::Matrix<F>>::new();
-    #[unroll]
-    for j in 0..fnn {
-        if comptime!(mode == MODE_ROWS) {
-            let base = expert * rhs.stride(0);
-            if comptime!(direct.b_col_major) {
-                let s = rhs.stride(2);
-                b.push(fragment::<F>(rhs, base + k0 + (n + j * 16) * s, len, s, cmma::MatrixIdent::B, true));
-            } else {
-                let s = rhs.stride(1);
-                b.push(fragment::<F>(rhs, base + k0 * s + n + j * 16, len, s, cmma::MatrixIdent::B, false));
-            }
-        } else {
-            let s = rhs.stride(0);
-            b.push(fragment::<F>(rhs, k0 * s + n + j * 16, len, s, cmma::MatrixIdent::B, false));
-        }
-    }
-    b
-}
-
-/// One 16x16x16 input fragment of `t` starting at element `start`, leading stride `stride`.
-#[cube]
-fn fragment<F: Float>(
-    t: &Tensor<F>,
-    start: usize,
-    len: usize,
-    stride: usize,
-    #[comptime] ident: cmma::MatrixIdent,
-    #[comptime] col_major: bool,
-) -> cmma::Matrix<F> {
-    if comptime!(col_major) {
-        cmma::Matrix::<F>::from_slice(
-            ident,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::ColMajor,
-            &t.slice(start, len),
-            stride as u32,
-        )
-    } else {
-        cmma::Matrix::<F>::from_slice(
-            ident,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-            &t.slice(start, len),
-            stride as u32,
-        )
-    }
-}
-
 /// Stores a whole 16x16 accumulator fragment at output `(m, n)`, cast to `F`.
 #[cube]
-fn store_direct<F: Float>(
+pub(crate) fn store_direct<F: Float>(
     out: &mut Tensor<F>,
     acc: &cmma::Matrix<f32>,
     expert: usize,
@@ -472,7 +348,7 @@ fn stage_operands<F: Float>(
 /// the plane's own 256 floats of `stage` at `own`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn write_fragment<F: Float>(
+pub(crate) fn write_fragment<F: Float>(
     out: &mut Tensor<F>,
     stage: &mut SharedMemory<f32>,
     acc: &cmma::Matrix<f32>,
@@ -575,58 +451,64 @@ pub(crate) fn rank_in_expert<I: Int>(ids: &Tensor<I>, rank: &mut Tensor<I>, #[de
 /// Units per cube of the row kernels (one output element each).
 pub(crate) const ROW_UNITS: u32 = 256;
 
-/// `out[r] = x[source[r] - 1]`, a zero row where `source[r]` is 0 (padding): the permute.
+/// `out[r] = x[source[r] - 1]`, a zero row where `source[r]` is 0 (padding): the permute. Each
+/// unit moves one vector of `N` elements (16 bytes where the widths allow, see
+/// `row_vector_size`); rows are contiguous when `N > 1`.
 #[cube(launch)]
-pub(crate) fn gather_rows<F: Float, I: Int>(
-    x: &Tensor<F>,
+pub(crate) fn gather_rows<F: Float, I: Int, N: Size>(
+    x: &Tensor<Vector<F, N>>,
     source: &Tensor<I>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let idx = ABSOLUTE_POS;
     if idx >= out.len() {
         terminate!();
     }
-    let d = out.shape(1);
-    let r = idx / d;
-    let j = idx % d;
+    let width = out.vector_size();
+    let vectors = out.shape(1) / width;
+    let r = idx / vectors;
+    let j = idx % vectors;
     let s = usize::cast_from(source[r]);
-    let mut value = F::new(0.0);
+    let mut value = Vector::<F, N>::new(F::new(0.0));
     if s > 0 {
-        value = x[(s - 1) * x.stride(0) + j * x.stride(1)];
+        value = x[((s - 1) * x.stride(0) + j * width * x.stride(1)) / width];
     }
     out[idx] = value;
 }
 
 /// `out[t] = sum_k weights[t, k] * rows[row_of_pair[t K + k]]`, skipping dropped pairs (rows
 /// past the end), accumulated in f32: the combine as a gather, so no atomics and a fixed
-/// summation order. With unit weights it is the permute's backward.
+/// summation order. With unit weights it is the permute's backward. Vectors of `N` as in
+/// [`gather_rows`].
 #[cube(launch)]
-pub(crate) fn combine_rows<F: Float, I: Int>(
-    rows: &Tensor<F>,
+pub(crate) fn combine_rows<F: Float, I: Int, N: Size>(
+    rows: &Tensor<Vector<F, N>>,
     row_of_pair: &Tensor<I>,
     weights: &Tensor<F>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let idx = ABSOLUTE_POS;
     if idx >= out.len() {
         terminate!();
     }
-    let d = out.shape(1);
-    let t = idx / d;
-    let j = idx % d;
+    let width = out.vector_size();
+    let vectors = out.shape(1) / width;
+    let t = idx / vectors;
+    let j = idx % vectors;
     let top_k = weights.shape(1);
     let total = rows.shape(0);
-    let mut acc = 0.0f32;
+    let mut acc = Vector::<f32, N>::new(0.0);
     for k in 0..top_k {
         let r = usize::cast_from(row_of_pair[t * top_k + k]);
         if r < total {
             let w = f32::cast_from(weights[t * weights.stride(0) + k * weights.stride(1)]);
-            acc += w * f32::cast_from(rows[r * rows.stride(0) + j * rows.stride(1)]);
+            let row = Vector::<f32, N>::cast_from(rows[(r * rows.stride(0) + j * width * rows.stride(1)) / width]);
+            acc += row * Vector::<f32, N>::new(w);
         }
     }
-    out[idx] = F::cast_from(acc);
+    out[idx] = Vector::<F, N>::cast_from(acc);
 }
 
 /// Units of the count kernel's cube.

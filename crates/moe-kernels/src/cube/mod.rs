@@ -6,8 +6,11 @@
 //! cover training: rows x weights (forward), rows x weights^T (row gradient, the same kernel on
 //! a transposed view) and rows^T x gradient per segment (weight gradient). Around them: the
 //! plan's in-expert ranks, the permute (a row gather) and the combine (a gather per token).
+//! Aligned half-precision products on devices with asynchronous copies run the pipelined
+//! kernel (`pipelined.rs`); every other case the general one (`kernel.rs`).
 
 mod kernel;
+mod pipelined;
 mod select;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -23,11 +26,12 @@ use cubecl::ir::{StorageType, features::MmaConfig};
 use cubecl::prelude::{CubeCount, CubeDim};
 
 use kernel::{
-    COUNT_UNITS, Direct, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, Tiling, combine_rows, count_experts,
-    gather_rows, grouped_gemm, place_pairs, rank_in_expert,
+    COUNT_UNITS, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, Tiling, combine_rows, count_experts, gather_rows,
+    grouped_gemm, place_pairs, rank_in_expert,
 };
 
 use moe_router::Selection;
+use pipelined::{CHUNK, Pipeline, grouped_gemm_pipelined};
 
 use crate::{
     CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor, portable,
@@ -137,10 +141,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         }
         let source = into_contiguous(source);
         let dtypes = [x.dtype.into(), source.dtype.into()];
+        let vector = row_vector_size(&[&x, &out]);
         gather_rows::launch(
             &x.client,
-            row_cubes(elements),
+            row_cubes(elements / vector),
             CubeDim::new_1d(ROW_UNITS),
+            vector,
             x.clone().into_tensor_arg(),
             source.into_tensor_arg(),
             out.clone().into_tensor_arg(),
@@ -158,10 +164,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         }
         let row_of_pair = into_contiguous(row_of_pair);
         let dtypes = [rows.dtype.into(), row_of_pair.dtype.into()];
+        let vector = row_vector_size(&[&rows, &out]);
         combine_rows::launch(
             &rows.client,
-            row_cubes(elements),
+            row_cubes(elements / vector),
             CubeDim::new_1d(ROW_UNITS),
+            vector,
             rows.clone().into_tensor_arg(),
             row_of_pair.into_tensor_arg(),
             weights.into_tensor_arg(),
@@ -195,6 +203,26 @@ fn launch_place<R: CubeRuntime>(row_of_pair: CubeTensor<R>, values: CubeTensor<R
         dtypes,
     );
     out
+}
+
+/// Elements per vector of the row kernels over `[rows, width]` tensors: the most (up to 16
+/// bytes) that divides every tensor's width and row stride, with contiguous rows and starts
+/// on a vector boundary; 1 otherwise.
+fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
+    let bytes = tensors[0].dtype.size();
+    [16 / bytes, 8 / bytes, 4 / bytes, 2 / bytes]
+        .into_iter()
+        .filter(|&v| v > 1)
+        .find(|&v| {
+            tensors.iter().all(|t| {
+                let (shape, strides) = (t.meta.shape(), t.meta.strides());
+                strides[1] == 1
+                    && shape[1].is_multiple_of(v)
+                    && strides[0].is_multiple_of(v)
+                    && t.handle.offset_start.unwrap_or(0).is_multiple_of((v * bytes) as u64)
+            })
+        })
+        .unwrap_or(1)
 }
 
 /// Cubes for one unit per element; a 2-D grid past the 65535 cubes a wgpu dimension holds.
@@ -305,32 +333,20 @@ pub fn launch_rows<R: CubeRuntime>(
     if table.is_empty() || n == 0 {
         return out;
     }
+    let k = rows.meta.shape()[1];
     let (ws, rs) = (weights.meta.strides(), rows.meta.strides());
-    let aligned = |stride: usize| stride.is_multiple_of(16);
-    let b_row_major = ws[2] == 1 && aligned(ws[1]);
-    let b_col_major = ws[1] == 1 && aligned(ws[2]);
-    let direct = Direct {
-        usable: cmma && rs[1] == 1 && aligned(rs[0]) && aligned(ws[0]) && aligned(n) && (b_row_major || b_col_major),
-        b_col_major: !b_row_major,
-    };
+    let eighth = |v: usize| v.is_multiple_of(CHUNK);
+    // Each operand is copied in 8-element chunks along its contiguous axis.
+    let b_depth_contiguous = ws[2] != 1;
+    let b_ok = if b_depth_contiguous { ws[1] == 1 && eighth(ws[2]) } else { eighth(ws[1]) && eighth(n) };
+    let aligned = rs[1] == 1 && eighth(rs[0]) && eighth(k) && eighth(ws[0]) && b_ok;
+    let pipe = pipeline(&rows, &[&rows, &weights], tiling, aligned, MODE_ROWS, b_depth_contiguous, n);
     let n_blocks = n.div_ceil(tiling.tile_n) as u32;
     // Tiles run along x; a device's x limit (65535 on wgpu) splits very long tables.
     let max_x = rows.client.properties().hardware.max_cube_count.0 as usize;
     for chunk in table.chunks(max_x * 3) {
-        let tiles = u32_tensor(&rows, chunk);
-        grouped_gemm::launch(
-            &rows.client,
-            CubeCount::Static((chunk.len() / 3) as u32, n_blocks, 1),
-            CubeDim::new_1d(tiling.units()),
-            rows.clone().into_tensor_arg(),
-            weights.clone().into_tensor_arg(),
-            tiles.into_array_arg(),
-            out.clone().into_tensor_arg(),
-            MODE_ROWS,
-            tiling,
-            direct,
-            rows.dtype.into(),
-        );
+        let count = CubeCount::Static((chunk.len() / 3) as u32, n_blocks, 1);
+        launch_gemm(&rows, &weights, u32_tensor(&rows, chunk), &out, count, MODE_ROWS, tiling, pipe);
     }
     out
 }
@@ -363,25 +379,97 @@ pub fn launch_weight_grad<R: CubeRuntime>(
     let cmma = tensor_cores(&rows);
     let tiling = tiling(cmma);
     let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
-    let direct = Direct {
-        usable: cmma && rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], b].iter().all(|s| s.is_multiple_of(16)),
-        b_col_major: false,
-    };
-    let tiles = u32_tensor(&rows, &offsets);
-    grouped_gemm::launch(
-        &rows.client,
-        CubeCount::Static(b.div_ceil(tiling.tile_n) as u32, a.div_ceil(tiling.tile_m) as u32, experts as u32),
-        CubeDim::new_1d(tiling.units()),
-        rows.clone().into_tensor_arg(),
-        grad.into_tensor_arg(),
-        tiles.into_array_arg(),
-        out.clone().into_tensor_arg(),
-        MODE_WEIGHTS,
-        tiling,
-        direct,
-        rows.dtype.into(),
-    );
+    let aligned = rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], a, b].iter().all(|s| s.is_multiple_of(CHUNK));
+    let pipe = pipeline(&rows, &[&rows, &grad], tiling, aligned, MODE_WEIGHTS, false, b);
+    let count = CubeCount::Static(b.div_ceil(tiling.tile_n) as u32, a.div_ceil(tiling.tile_m) as u32, experts as u32);
+    launch_gemm(&rows, &grad, u32_tensor(&rows, &offsets), &out, count, MODE_WEIGHTS, tiling, pipe);
     out
+}
+
+/// One grouped-GEMM launch: the pipelined kernel when `pipe` is set, the general one otherwise.
+#[allow(clippy::too_many_arguments)]
+fn launch_gemm<R: CubeRuntime>(
+    lhs: &CubeTensor<R>,
+    rhs: &CubeTensor<R>,
+    tiles: CubeTensor<R>,
+    out: &CubeTensor<R>,
+    count: CubeCount,
+    mode: u32,
+    tiling: Tiling,
+    pipe: Option<Pipeline>,
+) {
+    let client = &lhs.client;
+    let (lhs_arg, rhs_arg) = (lhs.clone().into_tensor_arg(), rhs.clone().into_tensor_arg());
+    let (tiles_arg, out_arg) = (tiles.into_array_arg(), out.clone().into_tensor_arg());
+    match pipe {
+        Some(pipe) => grouped_gemm_pipelined::launch(
+            client,
+            count,
+            CubeDim::new_1d(pipe.tiling.units()),
+            lhs_arg,
+            rhs_arg,
+            tiles_arg,
+            out_arg,
+            mode,
+            pipe,
+            lhs.dtype.into(),
+        ),
+        None => grouped_gemm::launch(
+            client,
+            count,
+            CubeDim::new_1d(tiling.units()),
+            lhs_arg,
+            rhs_arg,
+            tiles_arg,
+            out_arg,
+            mode,
+            tiling,
+            lhs.dtype.into(),
+        ),
+    }
+}
+
+/// The pipelined kernel's shape for a launch whose operand layouts allow it (`aligned`) on
+/// the tensor-core `tiling`, or `None` for the general kernel: the device must have
+/// asynchronous copies and the shared memory for the stages, and every operand must start
+/// on a 16-byte boundary. `out_width` is the output's row stride.
+fn pipeline<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    operands: &[&CubeTensor<R>],
+    tiling: Tiling,
+    aligned: bool,
+    mode: u32,
+    b_depth_contiguous: bool,
+    out_width: usize,
+) -> Option<Pipeline> {
+    let props = like.client.properties();
+    let starts_aligned = operands.iter().all(|t| t.handle.offset_start.unwrap_or(0).is_multiple_of(16));
+    if !tiling.cmma || !aligned || !starts_aligned || !props.features.copy_async || like.dtype.size() != 2 {
+        return None;
+    }
+    let (depth, stages) = pipeline_depth();
+    let pipe = Pipeline { tiling, depth, stages, b_depth_contiguous, store_whole: out_width.is_multiple_of(16) };
+    (pipe.shared_bytes(mode) <= props.hardware.max_shared_memory_size).then_some(pipe)
+}
+
+/// Reduction depth per pipeline step and steps in flight: `MOE_GEMM_PIPE=DxS` (D in 16, 32,
+/// 64; S in 2..=4) for tuning, otherwise 64 deep, 2 in flight (the best of a sweep on the
+/// H200, docs/performance.md).
+pub fn pipeline_depth() -> (usize, usize) {
+    static PIPE: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    const DEFAULT: (usize, usize) = (64, 2);
+    *PIPE.get_or_init(|| {
+        let Ok(v) = std::env::var("MOE_GEMM_PIPE") else { return DEFAULT };
+        let parsed = v.split_once('x').and_then(|(d, s)| Some((d.parse::<usize>().ok()?, s.parse::<usize>().ok()?)));
+        match parsed {
+            Some((d, s)) if [16, 32, 64].contains(&d) && (2..=4).contains(&s) => (d, s),
+            _ => {
+                // A bad value must not change results, only speed: say so and keep the default.
+                eprintln!("MOE_GEMM_PIPE must be DxS with D in 16, 32, 64 and S in 2..=4; using 64x2");
+                DEFAULT
+            }
+        }
+    })
 }
 
 /// A small host table uploaded as a `u32` tensor on `like`'s device.

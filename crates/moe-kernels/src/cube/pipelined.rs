@@ -1,0 +1,378 @@
+//! The pipelined tensor-core grouped GEMM: the fast path of the grouped products, for
+//! half-precision operands whose contiguous widths are multiples of 8 on devices with
+//! asynchronous global-to-shared copies (`cp.async` on CUDA).
+//!
+//! Operand tiles stream into shared memory in 16-byte copies, `stages` reduction steps in
+//! flight, each step's copies tracked by its own barrier, so the tensor cores work on one step
+//! while the next ones load. A copy outside the valid rows, columns or depth fills its 16 bytes
+//! with zeros: segments need not be tile multiples, a row tile never reads past the buffer, and
+//! a weight-gradient tile never sums another expert's rows. Each shared-memory row is padded by
+//! 8 elements so that a fragment's 16 rows do not all fall in the same banks.
+//!
+//! Shared memory keeps each operand's contiguous axis: `A` is `[m][depth]` for row tiles
+//! (the rows' features are contiguous) and `[depth][m]` for the weight gradient (`lhs^T`); `B`
+//! is `[depth][n]`, or `[n][depth]` for the transposed weights of the row gradient. The
+//! fragment loads read them row- or column-major accordingly, so no copy transposes.
+
+use cubecl::cmma;
+use cubecl::prelude::barrier::{Barrier, copy_async_checked};
+use cubecl::prelude::*;
+
+use super::kernel::{
+    MODE_ROWS, Tiling, multiply_accumulate, store_direct, tile_position, write_fragment, zero_accumulator,
+};
+
+/// Elements per asynchronous copy: 16 bytes of a 2-byte type.
+pub(crate) const CHUNK: usize = 8;
+/// Padding at the end of each shared-memory row, in elements (16 bytes keeps rows aligned).
+const PAD: usize = 8;
+
+/// How a pipelined launch tiles and streams (comptime).
+#[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Pipeline {
+    /// The output tiling, as the general kernel's tensor-core path takes it.
+    pub(crate) tiling: Tiling,
+    /// Reduction depth of one step (a multiple of 16).
+    pub(crate) depth: usize,
+    /// Steps in flight (at least 2).
+    pub(crate) stages: usize,
+    /// `B` has its depth contiguous in memory (the transposed weights of the row gradient).
+    pub(crate) b_depth_contiguous: bool,
+    /// Whole 16x16 output fragments may be stored straight to global memory (the output's row
+    /// stride is a multiple of 16 elements).
+    pub(crate) store_whole: bool,
+}
+
+impl Pipeline {
+    /// Bytes of shared memory a cube uses with 2-byte elements (the pipeline and the
+    /// epilogue's per-plane f32 fragment).
+    pub(crate) fn shared_bytes(&self, mode: u32) -> usize {
+        let a = stage_len(self.tiling.tile_m, self.depth, mode == MODE_ROWS);
+        let b = stage_len(self.tiling.tile_n, self.depth, self.b_depth_contiguous);
+        (a + b) * self.stages * 2 + self.tiling.units() as usize / 32 * 256 * 4
+    }
+}
+
+/// Elements of one operand's stage: `extent` rows or columns of the tile by `depth`, with the
+/// contiguous axis padded.
+fn stage_len(extent: usize, depth: usize, depth_contiguous: bool) -> usize {
+    if depth_contiguous { extent * (depth + PAD) } else { depth * (extent + PAD) }
+}
+
+/// Row tiles: `out[r] = lhs[r] rhs[e]` for the rows `r` of expert `e`'s segment (`tiles` holds
+/// the expert, the tile's first row and its segment's end per cube row). Weight gradient:
+/// `out[e] = lhs_e^T rhs_e` (`tiles` holds the `E + 1` segment offsets). As `grouped_gemm`.
+#[cube(launch)]
+pub(crate) fn grouped_gemm_pipelined<F: Float>(
+    lhs: &Tensor<F>,
+    rhs: &Tensor<F>,
+    tiles: &Array<u32>,
+    out: &mut Tensor<F>,
+    #[comptime] mode: u32,
+    #[comptime] pipe: Pipeline,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (tile_m, tile_n, depth, stages) = comptime!((pipe.tiling.tile_m, pipe.tiling.tile_n, pipe.depth, pipe.stages));
+    let units = comptime!(pipe.tiling.units() as usize);
+    let rows_mode = comptime!(mode == MODE_ROWS);
+    let b_dc = comptime!(pipe.b_depth_contiguous);
+    let (expert, m0, m_end, k_begin, k_end, n0) = tile_position::<F>(lhs, tiles, mode, tile_m, tile_n);
+    let n_end = out.shape(out.rank() - 1);
+    // Where each operand's tile lies: base offset, row stride, first and end index along the
+    // non-depth axis. Row tiles may read rows past their segment (never written back) but
+    // not past the buffer.
+    let mut a_end = m_end;
+    let mut b_base = 0usize;
+    let mut b_stride = rhs.stride(0);
+    if rows_mode {
+        a_end = lhs.shape(0);
+        b_base = expert * rhs.stride(0);
+        b_stride = rhs.stride(1);
+        if comptime!(b_dc) {
+            b_stride = rhs.stride(2);
+        }
+    }
+
+    let a_len = comptime!(stage_len(tile_m, depth, mode == MODE_ROWS));
+    let b_len = comptime!(stage_len(tile_n, depth, pipe.b_depth_contiguous));
+    let mut smem_a = SharedMemory::<F>::new_aligned(a_len * stages, 32usize);
+    let mut smem_b = SharedMemory::<F>::new_aligned(b_len * stages, 32usize);
+    let mut bars = Sequence::<Shared<Barrier>>::new();
+    #[unroll]
+    for _ in 0..stages {
+        bars.push(Barrier::shared(CUBE_DIM, UNIT_POS == 0));
+    }
+
+    let fm = comptime!(pipe.tiling.warp_m / 16);
+    let fnn = comptime!(pipe.tiling.warp_n / 16);
+    let plane = UNIT_POS as usize / 32;
+    let planes_n = comptime!(tile_n / pipe.tiling.warp_n);
+    let pm = (plane / planes_n) * comptime!(pipe.tiling.warp_m);
+    let pn = (plane % planes_n) * comptime!(pipe.tiling.warp_n);
+    let mut acc = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..fm * fnn {
+        acc.push(zero_accumulator());
+    }
+
+    let steps = (k_end - k_begin).div_ceil(depth);
+    // Prologue: the first `stages - 1` steps.
+    #[unroll]
+    for s in 0..stages - 1 {
+        if s < steps {
+            let k0 = k_begin + s * depth;
+            issue::<F>(
+                lhs,
+                0,
+                lhs.stride(0),
+                m0,
+                a_end,
+                k0,
+                k_end,
+                &mut smem_a,
+                s * a_len,
+                tile_m,
+                depth,
+                rows_mode,
+                units,
+            );
+            issue::<F>(rhs, b_base, b_stride, n0, n_end, k0, k_end, &mut smem_b, s * b_len, tile_n, depth, b_dc, units);
+            let bar = bars.index(s);
+            bar.commit_copy_async();
+            bar.arrive();
+        }
+    }
+    // Step `i` lives in stage `i % stages`; a stage's barrier completes one phase per use,
+    // so round `r` of the loop waits for parity `r % 2` on every stage.
+    let mut step = 0usize;
+    let mut phase = 0u32;
+    while step < steps {
+        #[unroll]
+        for s in 0..stages {
+            let current = step + s;
+            if current < steps {
+                // Refill the stage the previous step read (every unit left it at the
+                // barrier that ended that step).
+                let next = current + stages - 1;
+                let ns = comptime!((s + stages - 1) % stages);
+                if next < steps {
+                    let k0 = k_begin + next * depth;
+                    issue::<F>(
+                        lhs,
+                        0,
+                        lhs.stride(0),
+                        m0,
+                        a_end,
+                        k0,
+                        k_end,
+                        &mut smem_a,
+                        ns * a_len,
+                        tile_m,
+                        depth,
+                        rows_mode,
+                        units,
+                    );
+                    issue::<F>(
+                        rhs,
+                        b_base,
+                        b_stride,
+                        n0,
+                        n_end,
+                        k0,
+                        k_end,
+                        &mut smem_b,
+                        ns * b_len,
+                        tile_n,
+                        depth,
+                        b_dc,
+                        units,
+                    );
+                    let bar = bars.index(ns);
+                    bar.commit_copy_async();
+                    bar.arrive();
+                }
+                bars.index(s).wait_parity(phase);
+                #[unroll]
+                for ks in 0..depth / 16 {
+                    let a = stage_fragments_a::<F>(&smem_a, s * a_len, pm, ks * 16, fm, pipe, mode);
+                    let b = stage_fragments_b::<F>(&smem_b, s * b_len, pn, ks * 16, fnn, pipe);
+                    multiply_accumulate::<F>(&a, &b, &acc, fm, fnn);
+                }
+                sync_cube();
+            }
+        }
+        step += stages;
+        phase ^= 1;
+    }
+
+    let (m, n) = (m0 + pm, n0 + pn);
+    if comptime!(pipe.store_whole) && m0 + tile_m <= m_end && n0 + tile_n <= n_end {
+        #[unroll]
+        for i in 0..fm {
+            #[unroll]
+            for j in 0..fnn {
+                store_direct::<F>(out, acc.index(i * fnn + j), expert, m + i * 16, n + j * 16, mode);
+            }
+        }
+        terminate!();
+    }
+    let planes = comptime!(units / 32);
+    let mut stage_c = SharedMemory::<f32>::new_aligned(planes * 256, 32usize);
+    let own = plane * 256;
+    #[unroll]
+    for i in 0..fm {
+        #[unroll]
+        for j in 0..fnn {
+            write_fragment::<F>(
+                out,
+                &mut stage_c,
+                acc.index(i * fnn + j),
+                own,
+                expert,
+                m + i * 16,
+                m_end,
+                n + j * 16,
+                n_end,
+                mode,
+            );
+        }
+    }
+}
+
+/// Starts the asynchronous copies of one operand's step into `smem` at `offset`: `extent`
+/// indices from `outer0` along the non-depth axis by `depth` from `k0`, from `t` at
+/// `base + row * stride + column` (row and column being whichever of the two axes is
+/// contiguous). Chunks at `outer >= outer_end` or `k >= k_end` are zero-filled.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn issue<F: Float>(
+    t: &Tensor<F>,
+    base: usize,
+    stride: usize,
+    outer0: usize,
+    outer_end: usize,
+    k0: usize,
+    k_end: usize,
+    smem: &mut SharedMemory<F>,
+    offset: usize,
+    #[comptime] extent: usize,
+    #[comptime] depth: usize,
+    #[comptime] depth_contiguous: bool,
+    #[comptime] units: usize,
+) {
+    let (rows, cols) = comptime!(if depth_contiguous { (extent, depth) } else { (depth, extent) });
+    let pitch = comptime!(cols + PAD);
+    let per_row = comptime!(cols / CHUNK);
+    let chunks = comptime!(rows * per_row);
+    #[unroll]
+    for i in 0..comptime!(chunks.div_ceil(units)) {
+        let idx = i * units + UNIT_POS as usize;
+        if comptime!(chunks.is_multiple_of(units)) || idx < chunks {
+            let r = idx / per_row;
+            let c = (idx % per_row) * CHUNK;
+            let mut valid = outer0 + c < outer_end && k0 + r < k_end;
+            let mut row = k0 + r;
+            let mut col = outer0 + c;
+            if comptime!(depth_contiguous) {
+                valid = outer0 + r < outer_end && k0 + c < k_end;
+                row = outer0 + r;
+                col = k0 + c;
+            }
+            let mut src = 0usize;
+            let mut len = 0usize;
+            if valid {
+                src = base + row * stride + col;
+                len = CHUNK;
+            }
+            let dst = offset + r * pitch + c;
+            copy_async_checked(&t.slice(src, src + len), &mut smem.slice_mut(dst, dst + CHUNK), CHUNK as u32);
+        }
+    }
+}
+
+/// The plane's `fm` `A` fragments at depth `kk` of the stage at `offset`, rows `pm..` of the tile.
+#[cube]
+fn stage_fragments_a<F: Float>(
+    smem: &SharedMemory<F>,
+    offset: usize,
+    pm: usize,
+    kk: usize,
+    #[comptime] fm: usize,
+    #[comptime] pipe: Pipeline,
+    #[comptime] mode: u32,
+) -> Sequence<cmma::Matrix<F>> {
+    let end = smem.len();
+    let mut a = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for i in 0..fm {
+        if comptime!(mode == MODE_ROWS) {
+            let pitch = comptime!(pipe.depth + PAD);
+            let start = offset + (pm + i * 16) * pitch + kk;
+            a.push(cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &smem.slice(start, end),
+                pitch as u32,
+            ));
+        } else {
+            let pitch = comptime!(pipe.tiling.tile_m + PAD);
+            let start = offset + kk * pitch + pm + i * 16;
+            a.push(cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::ColMajor,
+                &smem.slice(start, end),
+                pitch as u32,
+            ));
+        }
+    }
+    a
+}
+
+/// The plane's `fnn` `B` fragments at depth `kk` of the stage at `offset`, columns `pn..`.
+#[cube]
+fn stage_fragments_b<F: Float>(
+    smem: &SharedMemory<F>,
+    offset: usize,
+    pn: usize,
+    kk: usize,
+    #[comptime] fnn: usize,
+    #[comptime] pipe: Pipeline,
+) -> Sequence<cmma::Matrix<F>> {
+    let end = smem.len();
+    let mut b = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for j in 0..fnn {
+        if comptime!(pipe.b_depth_contiguous) {
+            let pitch = comptime!(pipe.depth + PAD);
+            let start = offset + (pn + j * 16) * pitch + kk;
+            b.push(cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::ColMajor,
+                &smem.slice(start, end),
+                pitch as u32,
+            ));
+        } else {
+            let pitch = comptime!(pipe.tiling.tile_n + PAD);
+            let start = offset + kk * pitch + pn + j * 16;
+            b.push(cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &smem.slice(start, end),
+                pitch as u32,
+            ));
+        }
+    }
+    b
+}
