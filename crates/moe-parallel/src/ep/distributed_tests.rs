@@ -21,6 +21,16 @@ type A = Autodiff<NdArray>;
 
 /// Every network wait in these tests gives up after this.
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// These tests take free loopback ports (free when asked, not reserved) and burn-collective's
+/// process-wide state, so they run one at a time: run side by side, one test's outbound
+/// connections could take a port another had just picked (a CI run timed out that way).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds [`ONE_AT_A_TIME`] for the calling test; a failed test's poison does not stop the rest.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 const D: usize = 16;
 const E: usize = 8;
 
@@ -89,6 +99,7 @@ fn cat_nonempty<Bk: Backend>(parts: Vec<Tensor<Bk, 2>>) -> Tensor<Bk, 2> {
 
 #[test]
 fn ranks_on_threads_equal_the_single_device_layer() {
+    let _serial = one_at_a_time();
     let device = Default::default();
     let layer = layer::<B>(&device);
     // R = 2 on 2 nodes; R = 4 on 2 nodes with uneven splits and an empty rank.
@@ -241,6 +252,7 @@ fn assert_parts_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
 
 #[test]
 fn gradients_on_threads_equal_the_single_device_layer() {
+    let _serial = one_at_a_time();
     let device = Default::default();
     let single = layer::<A>(&device);
     for (ranks, nodes, split) in [(2, 2, vec![8, 12]), (4, 2, vec![6, 0, 9, 5])] {
@@ -331,6 +343,7 @@ fn wait_or_kill(mut child: Child, deadline: Instant) -> bool {
 
 #[test]
 fn two_processes_on_loopback_equal_one_process() {
+    let _serial = one_at_a_time();
     if let Ok(rank) = std::env::var(CHILD_RANK) {
         let ports: Vec<u16> = std::env::var(CHILD_PORTS).unwrap().split(',').map(|p| p.parse().unwrap()).collect();
         run_child(rank.parse().unwrap(), &ports, &PathBuf::from(std::env::var(CHILD_OUT).unwrap()));
