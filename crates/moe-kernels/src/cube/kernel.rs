@@ -67,78 +67,39 @@ pub(crate) fn grouped_gemm<F: Float>(
     let mut stage_b = SharedMemory::<F>::new_aligned(TILE_K * tile_n, 32usize);
 
     if comptime!(tiling.cmma) {
-        let fm = comptime!(tiling.warp_m / 16);
-        let fnn = comptime!(tiling.warp_n / 16);
-        let plane = UNIT_POS as usize / 32;
-        let planes_n = comptime!(tile_n / tiling.warp_n);
-        let pm = (plane / planes_n) * comptime!(tiling.warp_m);
-        let pn = (plane % planes_n) * comptime!(tiling.warp_n);
-        let mut acc = Sequence::<cmma::Matrix<f32>>::new();
-        #[unroll]
-        for _ in 0..fm * fnn {
-            acc.push(zero_accumulator());
-        }
+        let (fm, fnn) = comptime!((tiling.warp_m / 16, tiling.warp_n / 16));
+        let (pm, pn) = plane_origin(tiling);
+        let acc = zero_accumulators(fm * fnn);
         let mut k0 = k_begin;
         while k0 < k_end {
             stage_operands::<F>(lhs, rhs, &mut stage_a, &mut stage_b, &bounds, k0, k_end, mode, tiling);
             sync_cube();
             #[unroll]
             for ks in 0..TILE_K / 16 {
-                let mut a = Sequence::<cmma::Matrix<F>>::new();
-                #[unroll]
-                for i in 0..fm {
-                    a.push(cmma::Matrix::<F>::from_slice(
-                        cmma::MatrixIdent::A,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::RowMajor,
-                        &stage_a.slice((pm + i * 16) * TILE_K + ks * 16, tile_m * TILE_K),
-                        TILE_K as u32,
-                    ));
-                }
-                let mut b = Sequence::<cmma::Matrix<F>>::new();
-                #[unroll]
-                for j in 0..fnn {
-                    b.push(cmma::Matrix::<F>::from_slice(
-                        cmma::MatrixIdent::B,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::RowMajor,
-                        &stage_b.slice(ks * 16 * tile_n + pn + j * 16, TILE_K * tile_n),
-                        tile_n as u32,
-                    ));
-                }
+                let a = shared_fragments::<F>(
+                    &stage_a,
+                    pm * TILE_K + ks * 16,
+                    16usize * TILE_K,
+                    fm,
+                    TILE_K,
+                    cmma::MatrixIdent::A,
+                    false,
+                );
+                let b = shared_fragments::<F>(
+                    &stage_b,
+                    ks * 16 * tile_n + pn,
+                    16usize,
+                    fnn,
+                    tile_n,
+                    cmma::MatrixIdent::B,
+                    false,
+                );
                 multiply_accumulate::<F>(&a, &b, &acc, fm, fnn);
             }
             sync_cube();
             k0 += TILE_K;
         }
-        let (m, n) = (m0 + pm, n0 + pn);
-        // Through shared memory, one 16x16 fragment per plane at a time, because fragments
-        // have no per-element addressing to mask the rows of the next segment.
-        let planes = comptime!(tiling.units() as usize / 32);
-        let mut stage_c = SharedMemory::<f32>::new_aligned(planes * 256, 32usize);
-        let own = plane * 256;
-        #[unroll]
-        for i in 0..fm {
-            #[unroll]
-            for j in 0..fnn {
-                write_fragment::<F>(
-                    out,
-                    &mut stage_c,
-                    acc.index(i * fnn + j),
-                    own,
-                    expert,
-                    m + i * 16,
-                    m_end,
-                    n + j * 16,
-                    n_end,
-                    mode,
-                );
-            }
-        }
+        write_fragments::<F>(out, &acc, expert, m0 + pm, m_end, n0 + pn, n_end, tiling, mode);
     } else {
         // Unit u owns column u % tile_n and 32 consecutive rows: the rows' operands are
         // broadcast reads across a plane, the column's a distinct bank per unit.
@@ -224,17 +185,72 @@ pub(crate) fn multiply_accumulate<F: Float>(
     }
 }
 
-/// A 16x16 f32 accumulator fragment filled with zeros.
+/// The first output row and column of this unit's plane in its cube's tile (tensor-core path).
 #[cube]
-pub(crate) fn zero_accumulator() -> cmma::Matrix<f32> {
-    cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0,
-    )
+pub(crate) fn plane_origin(#[comptime] tiling: Tiling) -> (usize, usize) {
+    let plane = UNIT_POS as usize / 32;
+    let planes_n = comptime!(tiling.tile_n / tiling.warp_n);
+    ((plane / planes_n) * comptime!(tiling.warp_m), (plane % planes_n) * comptime!(tiling.warp_n))
+}
+
+/// `count` 16x16 f32 accumulator fragments filled with zeros.
+#[cube]
+pub(crate) fn zero_accumulators(#[comptime] count: usize) -> Sequence<cmma::Matrix<f32>> {
+    let mut acc = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..count {
+        acc.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+    acc
+}
+
+/// `count` 16x16x16 input fragments of `smem`, the `i`-th starting at element
+/// `start + i * step`, with leading dimension `pitch` (row- or column-major).
+#[cube]
+pub(crate) fn shared_fragments<F: Float>(
+    smem: &SharedMemory<F>,
+    start: usize,
+    #[comptime] step: usize,
+    #[comptime] count: usize,
+    #[comptime] pitch: usize,
+    #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] col_major: bool,
+) -> Sequence<cmma::Matrix<F>> {
+    let end = smem.len();
+    let mut fragments = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for i in 0..count {
+        let slice = smem.slice(start + i * step, end);
+        if comptime!(col_major) {
+            fragments.push(cmma::Matrix::<F>::from_slice(
+                ident,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::ColMajor,
+                &slice,
+                pitch as u32,
+            ));
+        } else {
+            fragments.push(cmma::Matrix::<F>::from_slice(
+                ident,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &slice,
+                pitch as u32,
+            ));
+        }
+    }
+    fragments
 }
 
 /// Stores a whole 16x16 accumulator fragment at output `(m, n)`, cast to `F`.
@@ -344,31 +360,48 @@ fn stage_operands<F: Float>(
     }
 }
 
-/// Writes the 16x16 accumulator fragment whose first element is output `(m, n)`, staged in
-/// the plane's own 256 floats of `stage` at `own`.
+/// Writes the plane's `fm x fnn` accumulator fragments, the first at output `(m, n)`, through
+/// shared memory one 16x16 fragment at a time, because fragments have no per-element
+/// addressing to mask the rows of the next segment: only elements inside `m_end` and `n_end`
+/// are written.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn write_fragment<F: Float>(
+pub(crate) fn write_fragments<F: Float>(
     out: &mut Tensor<F>,
-    stage: &mut SharedMemory<f32>,
-    acc: &cmma::Matrix<f32>,
-    own: usize,
+    acc: &Sequence<cmma::Matrix<f32>>,
     expert: usize,
     m: usize,
     m_end: usize,
     n: usize,
     n_end: usize,
+    #[comptime] tiling: Tiling,
     #[comptime] mode: u32,
 ) {
-    cmma::store(&mut stage.slice_mut(own, own + 256), acc, 16u32, cmma::MatrixLayout::RowMajor);
-    sync_cube();
+    let (fm, fnn) = comptime!((tiling.warp_m / 16, tiling.warp_n / 16));
+    let planes = comptime!(tiling.units() as usize / 32);
+    let mut stage = SharedMemory::<f32>::new_aligned(planes * 256, 32usize);
+    let own = (UNIT_POS as usize / 32) * 256;
     let lane = UNIT_POS as usize % 32;
     #[unroll]
-    for i in 0..8usize {
-        let idx = i * 32 + lane;
-        write_output::<F>(out, stage[own + idx], expert, m + idx / 16, m_end, n + idx % 16, n_end, mode);
+    for i in 0..fm {
+        #[unroll]
+        for j in 0..fnn {
+            cmma::store(
+                &mut stage.slice_mut(own, own + 256),
+                acc.index(i * fnn + j),
+                16u32,
+                cmma::MatrixLayout::RowMajor,
+            );
+            sync_cube();
+            #[unroll]
+            for e in 0..8usize {
+                let idx = e * 32 + lane;
+                let (r, c) = (m + i * 16 + idx / 16, n + j * 16 + idx % 16);
+                write_output::<F>(out, stage[own + idx], expert, r, m_end, c, n_end, mode);
+            }
+            sync_cube();
+        }
     }
-    sync_cube();
 }
 
 /// Writes one accumulated element if it lies inside the output (and, for row tiles, inside

@@ -19,7 +19,8 @@ use cubecl::prelude::barrier::{Barrier, copy_async_checked};
 use cubecl::prelude::*;
 
 use super::kernel::{
-    MODE_ROWS, Tiling, multiply_accumulate, store_direct, tile_position, write_fragment, zero_accumulator,
+    MODE_ROWS, Tiling, multiply_accumulate, plane_origin, shared_fragments, store_direct, tile_position,
+    write_fragments, zero_accumulators,
 };
 
 /// Elements per asynchronous copy: 16 bytes of a 2-byte type.
@@ -73,23 +74,19 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (tile_m, tile_n, depth, stages) = comptime!((pipe.tiling.tile_m, pipe.tiling.tile_n, pipe.depth, pipe.stages));
-    let units = comptime!(pipe.tiling.units() as usize);
     let rows_mode = comptime!(mode == MODE_ROWS);
-    let b_dc = comptime!(pipe.b_depth_contiguous);
     let (expert, m0, m_end, k_begin, k_end, n0) = tile_position::<F>(lhs, tiles, mode, tile_m, tile_n);
     let n_end = out.shape(out.rank() - 1);
-    // Where each operand's tile lies: base offset, row stride, first and end index along the
-    // non-depth axis. Row tiles may read rows past their segment (never written back) but
-    // not past the buffer.
-    let mut a_end = m_end;
-    let mut b_base = 0usize;
-    let mut b_stride = rhs.stride(0);
+    // Where each operand's tile lies. Row tiles may read rows past their segment (never
+    // written back) but not past the buffer.
+    let mut a = Operand { base: 0, stride: lhs.stride(0), outer0: m0, outer_end: m_end };
+    let mut b = Operand { base: 0, stride: rhs.stride(0), outer0: n0, outer_end: n_end };
     if rows_mode {
-        a_end = lhs.shape(0);
-        b_base = expert * rhs.stride(0);
-        b_stride = rhs.stride(1);
-        if comptime!(b_dc) {
-            b_stride = rhs.stride(2);
+        a.outer_end = lhs.shape(0);
+        b.base = expert * rhs.stride(0);
+        b.stride = rhs.stride(1);
+        if comptime!(pipe.b_depth_contiguous) {
+            b.stride = rhs.stride(2);
         }
     }
 
@@ -103,17 +100,9 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
         bars.push(Barrier::shared(CUBE_DIM, UNIT_POS == 0));
     }
 
-    let fm = comptime!(pipe.tiling.warp_m / 16);
-    let fnn = comptime!(pipe.tiling.warp_n / 16);
-    let plane = UNIT_POS as usize / 32;
-    let planes_n = comptime!(tile_n / pipe.tiling.warp_n);
-    let pm = (plane / planes_n) * comptime!(pipe.tiling.warp_m);
-    let pn = (plane % planes_n) * comptime!(pipe.tiling.warp_n);
-    let mut acc = Sequence::<cmma::Matrix<f32>>::new();
-    #[unroll]
-    for _ in 0..fm * fnn {
-        acc.push(zero_accumulator());
-    }
+    let (fm, fnn) = comptime!((pipe.tiling.warp_m / 16, pipe.tiling.warp_n / 16));
+    let (pm, pn) = plane_origin(pipe.tiling);
+    let acc = zero_accumulators(fm * fnn);
 
     let steps = (k_end - k_begin).div_ceil(depth);
     // Prologue: the first `stages - 1` steps.
@@ -121,25 +110,7 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
     for s in 0..stages - 1 {
         if s < steps {
             let k0 = k_begin + s * depth;
-            issue::<F>(
-                lhs,
-                0,
-                lhs.stride(0),
-                m0,
-                a_end,
-                k0,
-                k_end,
-                &mut smem_a,
-                s * a_len,
-                tile_m,
-                depth,
-                rows_mode,
-                units,
-            );
-            issue::<F>(rhs, b_base, b_stride, n0, n_end, k0, k_end, &mut smem_b, s * b_len, tile_n, depth, b_dc, units);
-            let bar = bars.index(s);
-            bar.commit_copy_async();
-            bar.arrive();
+            issue_step::<F>(lhs, rhs, &a, &b, k0, k_end, &mut smem_a, &mut smem_b, bars.index(s), s, pipe, mode);
         }
     }
     // Step `i` lives in stage `i % stages`; a stage's barrier completes one phase per use,
@@ -157,46 +128,37 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
                 let ns = comptime!((s + stages - 1) % stages);
                 if next < steps {
                     let k0 = k_begin + next * depth;
-                    issue::<F>(
+                    issue_step::<F>(
                         lhs,
-                        0,
-                        lhs.stride(0),
-                        m0,
-                        a_end,
+                        rhs,
+                        &a,
+                        &b,
                         k0,
                         k_end,
                         &mut smem_a,
-                        ns * a_len,
-                        tile_m,
-                        depth,
-                        rows_mode,
-                        units,
-                    );
-                    issue::<F>(
-                        rhs,
-                        b_base,
-                        b_stride,
-                        n0,
-                        n_end,
-                        k0,
-                        k_end,
                         &mut smem_b,
-                        ns * b_len,
-                        tile_n,
-                        depth,
-                        b_dc,
-                        units,
+                        bars.index(ns),
+                        ns,
+                        pipe,
+                        mode,
                     );
-                    let bar = bars.index(ns);
-                    bar.commit_copy_async();
-                    bar.arrive();
                 }
                 bars.index(s).wait_parity(phase);
                 #[unroll]
                 for ks in 0..depth / 16 {
-                    let a = stage_fragments_a::<F>(&smem_a, s * a_len, pm, ks * 16, fm, pipe, mode);
-                    let b = stage_fragments_b::<F>(&smem_b, s * b_len, pn, ks * 16, fnn, pipe);
-                    multiply_accumulate::<F>(&a, &b, &acc, fm, fnn);
+                    let fa = stage_fragments::<F>(&smem_a, s * a_len, pm, ks * 16, fm, tile_m, depth, rows_mode, true);
+                    let fb = stage_fragments::<F>(
+                        &smem_b,
+                        s * b_len,
+                        pn,
+                        ks * 16,
+                        fnn,
+                        tile_n,
+                        depth,
+                        pipe.b_depth_contiguous,
+                        false,
+                    );
+                    multiply_accumulate::<F>(&fa, &fb, &acc, fm, fnn);
                 }
                 sync_cube();
             }
@@ -216,41 +178,56 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
         }
         terminate!();
     }
-    let planes = comptime!(units / 32);
-    let mut stage_c = SharedMemory::<f32>::new_aligned(planes * 256, 32usize);
-    let own = plane * 256;
-    #[unroll]
-    for i in 0..fm {
-        #[unroll]
-        for j in 0..fnn {
-            write_fragment::<F>(
-                out,
-                &mut stage_c,
-                acc.index(i * fnn + j),
-                own,
-                expert,
-                m + i * 16,
-                m_end,
-                n + j * 16,
-                n_end,
-                mode,
-            );
-        }
-    }
+    write_fragments::<F>(out, &acc, expert, m, m_end, n, n_end, pipe.tiling, mode);
 }
 
-/// Starts the asynchronous copies of one operand's step into `smem` at `offset`: `extent`
-/// indices from `outer0` along the non-depth axis by `depth` from `k0`, from `t` at
-/// `base + row * stride + column` (row and column being whichever of the two axes is
-/// contiguous). Chunks at `outer >= outer_end` or `k >= k_end` are zero-filled.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn issue<F: Float>(
-    t: &Tensor<F>,
+/// Where one operand's tile lies in its tensor: the tensor starts at `base` with row stride
+/// `stride`; the tile covers `outer0..outer_end` along the axis that is not the depth.
+#[derive(CubeType)]
+struct Operand {
     base: usize,
     stride: usize,
     outer0: usize,
     outer_end: usize,
+}
+
+/// Starts the copies of both operands' step at depth `k0` into `stage`, and tracks them on
+/// that stage's barrier.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn issue_step<F: Float>(
+    lhs: &Tensor<F>,
+    rhs: &Tensor<F>,
+    a: &Operand,
+    b: &Operand,
+    k0: usize,
+    k_end: usize,
+    smem_a: &mut SharedMemory<F>,
+    smem_b: &mut SharedMemory<F>,
+    bar: &Shared<Barrier>,
+    #[comptime] stage: usize,
+    #[comptime] pipe: Pipeline,
+    #[comptime] mode: u32,
+) {
+    let (tile_m, tile_n, depth) = comptime!((pipe.tiling.tile_m, pipe.tiling.tile_n, pipe.depth));
+    let units = comptime!(pipe.tiling.units() as usize);
+    let a_offset = comptime!(stage * stage_len(tile_m, depth, mode == MODE_ROWS));
+    let b_offset = comptime!(stage * stage_len(tile_n, depth, pipe.b_depth_contiguous));
+    issue::<F>(lhs, a, k0, k_end, smem_a, a_offset, tile_m, depth, mode == MODE_ROWS, units);
+    issue::<F>(rhs, b, k0, k_end, smem_b, b_offset, tile_n, depth, pipe.b_depth_contiguous, units);
+    bar.commit_copy_async();
+    bar.arrive();
+}
+
+/// Starts the asynchronous copies of one operand's step into `smem` at `offset`: `extent`
+/// indices from `op.outer0` along the non-depth axis by `depth` from `k0`, from `t` at
+/// `op.base + row * op.stride + column` (row and column being whichever of the two axes is
+/// contiguous). Chunks at `outer >= op.outer_end` or `k >= k_end` are zero-filled.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn issue<F: Float>(
+    t: &Tensor<F>,
+    op: &Operand,
     k0: usize,
     k_end: usize,
     smem: &mut SharedMemory<F>,
@@ -270,18 +247,18 @@ fn issue<F: Float>(
         if comptime!(chunks.is_multiple_of(units)) || idx < chunks {
             let r = idx / per_row;
             let c = (idx % per_row) * CHUNK;
-            let mut valid = outer0 + c < outer_end && k0 + r < k_end;
+            let mut valid = op.outer0 + c < op.outer_end && k0 + r < k_end;
             let mut row = k0 + r;
-            let mut col = outer0 + c;
+            let mut col = op.outer0 + c;
             if comptime!(depth_contiguous) {
-                valid = outer0 + r < outer_end && k0 + c < k_end;
-                row = outer0 + r;
+                valid = op.outer0 + r < op.outer_end && k0 + c < k_end;
+                row = op.outer0 + r;
                 col = k0 + c;
             }
             let mut src = 0usize;
             let mut len = 0usize;
             if valid {
-                src = base + row * stride + col;
+                src = op.base + row * op.stride + col;
                 len = CHUNK;
             }
             let dst = offset + r * pitch + c;
@@ -290,89 +267,30 @@ fn issue<F: Float>(
     }
 }
 
-/// The plane's `fm` `A` fragments at depth `kk` of the stage at `offset`, rows `pm..` of the tile.
+/// The plane's `count` fragments of one operand at depth `kk` of the stage at `offset`,
+/// starting at index `p` of the tile's `extent` along the non-depth axis. A stage stored with
+/// its depth contiguous is `[extent][depth]`, row-major for `A` and column-major for `B`;
+/// otherwise `[depth][extent]`, the other way round.
 #[cube]
-fn stage_fragments_a<F: Float>(
+#[allow(clippy::too_many_arguments)]
+fn stage_fragments<F: Float>(
     smem: &SharedMemory<F>,
     offset: usize,
-    pm: usize,
+    p: usize,
     kk: usize,
-    #[comptime] fm: usize,
-    #[comptime] pipe: Pipeline,
-    #[comptime] mode: u32,
+    #[comptime] count: usize,
+    #[comptime] extent: usize,
+    #[comptime] depth: usize,
+    #[comptime] depth_contiguous: bool,
+    #[comptime] is_a: bool,
 ) -> Sequence<cmma::Matrix<F>> {
-    let end = smem.len();
-    let mut a = Sequence::<cmma::Matrix<F>>::new();
-    #[unroll]
-    for i in 0..fm {
-        if comptime!(mode == MODE_ROWS) {
-            let pitch = comptime!(pipe.depth + PAD);
-            let start = offset + (pm + i * 16) * pitch + kk;
-            a.push(cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &smem.slice(start, end),
-                pitch as u32,
-            ));
-        } else {
-            let pitch = comptime!(pipe.tiling.tile_m + PAD);
-            let start = offset + kk * pitch + pm + i * 16;
-            a.push(cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::ColMajor,
-                &smem.slice(start, end),
-                pitch as u32,
-            ));
-        }
+    let ident = comptime!(if is_a { cmma::MatrixIdent::A } else { cmma::MatrixIdent::B });
+    let col_major = comptime!(depth_contiguous != is_a);
+    if comptime!(depth_contiguous) {
+        let pitch = comptime!(depth + PAD);
+        shared_fragments::<F>(smem, offset + p * pitch + kk, comptime!(16 * pitch), count, pitch, ident, col_major)
+    } else {
+        let pitch = comptime!(extent + PAD);
+        shared_fragments::<F>(smem, offset + kk * pitch + p, 16usize, count, pitch, ident, col_major)
     }
-    a
-}
-
-/// The plane's `fnn` `B` fragments at depth `kk` of the stage at `offset`, columns `pn..`.
-#[cube]
-fn stage_fragments_b<F: Float>(
-    smem: &SharedMemory<F>,
-    offset: usize,
-    pn: usize,
-    kk: usize,
-    #[comptime] fnn: usize,
-    #[comptime] pipe: Pipeline,
-) -> Sequence<cmma::Matrix<F>> {
-    let end = smem.len();
-    let mut b = Sequence::<cmma::Matrix<F>>::new();
-    #[unroll]
-    for j in 0..fnn {
-        if comptime!(pipe.b_depth_contiguous) {
-            let pitch = comptime!(pipe.depth + PAD);
-            let start = offset + (pn + j * 16) * pitch + kk;
-            b.push(cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::ColMajor,
-                &smem.slice(start, end),
-                pitch as u32,
-            ));
-        } else {
-            let pitch = comptime!(pipe.tiling.tile_n + PAD);
-            let start = offset + kk * pitch + pn + j * 16;
-            b.push(cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &smem.slice(start, end),
-                pitch as u32,
-            ));
-        }
-    }
-    b
 }
