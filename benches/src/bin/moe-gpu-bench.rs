@@ -352,7 +352,10 @@ fn time_stages<B: GpuBackend>(args: &Args, device: &B::Device, t: usize) {
     );
     emit_stage("combine", time::<B, _>(device, w, r, || B::moe_combine(y.clone(), routing.weights.clone(), &plan)));
     if let Some(shared) = &layer.shared {
-        emit_stage("shared", time::<B, _>(device, w, r, || shared.forward(x.clone())));
+        // As the layer runs them, and on burn's matmul (the before of routing them through
+        // the backend's dense product).
+        emit_stage("shared", time::<B, _>(device, w, r, || shared.forward_with(x.clone(), B::moe_dense_matmul)));
+        emit_stage("shared_burn", time::<B, _>(device, w, r, || shared.forward(x.clone())));
     }
 }
 

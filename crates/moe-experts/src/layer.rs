@@ -213,7 +213,11 @@ impl<B: MoeBackend> MoeLayer<B> {
         let (routed, plan) =
             self.experts.forward(flat.clone(), aux.expert_ids.clone(), aux.weights.clone(), limit, priority)?;
         aux.dropped = plan.dropped();
-        Ok((self.shared_plus(flat, routed).reshape(dims), aux))
+        let out = match &self.shared {
+            Some(shared) => routed + shared.forward_with(flat, B::moe_dense_matmul),
+            None => routed,
+        };
+        Ok((out.reshape(dims), aux))
     }
 }
 

@@ -43,8 +43,18 @@ pub(crate) fn fan_in_uniform() -> Initializer {
 impl<B: Backend> SwiGlu<B> {
     /// `x` `[T, d]` -> `[T, d]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let g = x.clone().matmul(self.gate.val());
-        let u = x.matmul(self.up.val());
-        (silu(g) * u).matmul(self.down.val())
+        self.forward_with(x, Tensor::matmul)
+    }
+
+    /// [`SwiGlu::forward`] with its three products run by `matmul` (`[T, a] x [a, b]`), e.g.
+    /// a backend's own dense GEMM (`MoeBackend::moe_dense_matmul`).
+    pub fn forward_with(
+        &self,
+        x: Tensor<B, 2>,
+        matmul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        let g = matmul(x.clone(), self.gate.val());
+        let u = matmul(x, self.up.val());
+        matmul(silu(g) * u, self.down.val())
     }
 }

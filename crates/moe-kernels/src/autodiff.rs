@@ -73,6 +73,27 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         float_tensor(output)
     }
 
+    fn moe_dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let x = x.into_primitive().tensor();
+        let w = w.into_primitive().tensor();
+        let output =
+            float_primitive(B::moe_dense_matmul(float_tensor(x.primitive.clone()), float_tensor(w.primitive.clone())));
+        let (x_tracked, w_tracked) = (x.is_tracked(), w.is_tracked());
+        let output = match DenseMatmulBackward.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                // Each gradient needs the other operand only.
+                let state = DenseMatmulState {
+                    x: w_tracked.then(|| prep.checkpoint(&x)),
+                    w: x_tracked.then(|| prep.checkpoint(&w)),
+                };
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        float_tensor(output)
+    }
+
     // Permute and combine keep their state rather than recomputing under checkpointing (marked
     // compute-bound): their backward runs on the inner backend as gathers.
     fn moe_permute(x: Tensor<Self, 2>, plan: &DispatchPlan<Self>) -> Tensor<Self, 2> {
@@ -153,6 +174,36 @@ impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
             // The same grouped product on the weights' transposed view.
             let grad_rows = B::moe_grouped_matmul(grad, weights.swap_dims(1, 2), &plan);
             grads.register::<B>(parent.id, float_primitive(grad_rows));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DenseMatmulBackward;
+
+/// The checkpointed operands of a dense product, each kept only when the other is tracked.
+#[derive(Debug, Clone)]
+struct DenseMatmulState {
+    x: Option<NodeId>,
+    w: Option<NodeId>,
+}
+
+impl<B: MoeBackend> Backward<B, 2> for DenseMatmulBackward {
+    type State = DenseMatmulState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [x_parent, w_parent] = ops.parents;
+        let DenseMatmulState { x, w } = ops.state;
+        let x = x.map(|id| float_tensor::<B, 2>(checkpointer.retrieve_node_output(id)));
+        let w = w.map(|id| float_tensor::<B, 2>(checkpointer.retrieve_node_output(id)));
+        let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
+        if let Some(parent) = w_parent {
+            let x = x.expect("x is kept when the weights are tracked");
+            grads.register::<B>(parent.id, float_primitive(x.transpose().matmul(grad.clone())));
+        }
+        if let Some(parent) = x_parent {
+            let w = w.expect("the weights are kept when x is tracked");
+            grads.register::<B>(parent.id, float_primitive(B::moe_dense_matmul(grad, w.transpose())));
         }
     }
 }

@@ -10,7 +10,8 @@
 //! [`MoeBackend::moe_permute`] (gather token rows into the dispatch layout),
 //! [`MoeBackend::moe_grouped_swiglu`] (each expert's SwiGLU on its segment, built on
 //! [`MoeBackend::moe_grouped_matmul`]),
-//! [`MoeBackend::moe_combine`] (weighted sum of each token's K expert outputs).
+//! [`MoeBackend::moe_combine`] (weighted sum of each token's K expert outputs). Beside them,
+//! [`MoeBackend::moe_dense_matmul`] runs the shared experts' products.
 //!
 //! ```
 //! use burn::backend::NdArray;
@@ -127,6 +128,14 @@ pub trait MoeBackend: Backend {
         plan: &DispatchPlan<Self>,
     ) -> Tensor<Self, 2> {
         portable::grouped_swiglu::<Self>(rows, gate, up, down, plan)
+    }
+
+    /// `x` `[T, a]` times `w` `[a, b]`: the dense products beside the experts (the shared
+    /// experts). The default is burn's matmul; a backend whose own GEMM is faster at these
+    /// shapes overrides it. Under `Autodiff` the row gradient is this product on `w`'s
+    /// transposed view and the weight gradient burn's matmul.
+    fn moe_dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w)
     }
 
     /// Returns `out[t] = sum_k weights[t, k] * rows[row of (t, k)]`, `[T, d]`; a dropped

@@ -7,10 +7,12 @@
 //! (the seed is printed); the measure is `||out - ref|| / ||ref||`, and NaN never passes.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+use burn::backend::Autodiff;
 use burn::tensor::Int;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime};
+use moe_kernels::MoeBackend;
 use moe_kernels::cube::{MoeCubeKernels, launch_rows, launch_weight_grad, use_tensor_cores};
 
 /// (name, rows per expert, a, b). On the tensor-core path, cases whose widths are multiples of
@@ -187,6 +189,58 @@ fn grouped_gemm_matches_the_host_loop_on_cuda() {
         &Default::default(),
         &[(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)],
     );
+}
+
+/// The dense product (the shared experts' path) under `Autodiff` on the cube backend: its
+/// output and both gradients for the loss `sum(x w * r)` against the float64 host loop. In
+/// half precision on a device with tensor cores it is the grouped GEMM with one segment, and
+/// the row gradient that GEMM on the weights' transposed view.
+fn check_dense_product<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    type Tracked<R> = Autodiff<Backend<R>>;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("seed {seed}");
+    let mut rng = Lcg(seed);
+    let (t, a, b) = (200, 96, 72);
+    let (x, xh) = upload::<R, 2>(rng.values(t * a), [t, a], dtype, device);
+    let (w, wh) = upload::<R, 2>(rng.values(a * b), [a, b], dtype, device);
+    let (r, rh) = upload::<R, 2>(rng.values(t * b), [t, b], dtype, device);
+    let (mut y, mut dx, mut dw) = (vec![0.0; t * b], vec![0.0; t * a], vec![0.0; a * b]);
+    for row in 0..t {
+        for i in 0..a {
+            for j in 0..b {
+                y[row * b + j] += xh[row * a + i] * wh[i * b + j];
+                dx[row * a + i] += rh[row * b + j] * wh[i * b + j];
+                dw[i * b + j] += xh[row * a + i] * rh[row * b + j];
+            }
+        }
+    }
+    let tracked = |p: CubeTensor<R>| {
+        Tensor::<Tracked<R>, 2>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(p))).require_grad()
+    };
+    let (xt, wt) = (tracked(x), tracked(w));
+    let rt = Tensor::<Tracked<R>, 2>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(r)));
+    let out = Tracked::<R>::moe_dense_matmul(xt.clone(), wt.clone());
+    let label = format!("dense product ({dtype:?}, tensor cores {})", Backend::<R>::tensor_cores(dtype, device));
+    check(&label, &download::<R, 2>(out.clone().inner().into_primitive().tensor()), &y, tolerance);
+    let grads = (out * rt).sum().backward();
+    let grad = |p: &Tensor<Tracked<R>, 2>| download::<R, 2>(p.grad(&grads).expect("tracked").into_primitive().tensor());
+    check(&format!("{label} row gradient"), &grad(&xt), &dx, tolerance);
+    check(&format!("{label} weight gradient"), &grad(&wt), &dw, tolerance);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn dense_product_matches_the_host_loop_on_wgpu() {
+    check_dense_product::<cubecl::wgpu::WgpuRuntime>(&Default::default(), DType::F32, 1e-5);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn dense_product_matches_the_host_loop_on_cuda() {
+    // f32 takes burn's matmul, which runs on TF32 tensor cores there (3e-4 on the H200).
+    for (dtype, tolerance) in [(DType::F32, 2e-3), (DType::BF16, 1e-2)] {
+        check_dense_product::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
+    }
 }
 
 /// The selection kernel against the portable rule (`Selection::select` on NdArray), on scores

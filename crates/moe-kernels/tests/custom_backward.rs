@@ -1,6 +1,6 @@
 //! `Autodiff`'s own backward of the grouped matmul, on both layouts, against host loops: the
 //! gradients of the token rows and of the expert weights through `moe_grouped_matmul` and
-//! `moe_grouped_swiglu`, with every operand tracked or only some.
+//! `moe_grouped_swiglu`, with every operand tracked or only some; and of the dense product.
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, NdArray};
@@ -320,6 +320,45 @@ fn untracked_inputs_still_run_forward() {
         let y = B::moe_grouped_matmul(rows, tensor(&m, [3, 3, 5], false), &plan);
         let out = B::moe_combine(y, tensor(&w, [5, 2], false), &plan);
         assert_close(&format!("{layout:?}"), host(out), &out_ref);
+    }
+}
+
+/// `Autodiff`'s backward of the dense product (`x w`, the shared experts) against host loops:
+/// `dx = r w^T`, `dw = x^T r` for the loss `sum(x w * r)`, with every tracking.
+#[test]
+fn dense_product_gradients_agree_with_the_host_loop() {
+    type B = Autodiff<NdArray>;
+    let (t, a, b) = (7, 5, 3);
+    let case = case(t, 1, 1, |_, _| 0);
+    let [x, w, r] = [t * a, a * b, t * b]
+        .into_iter()
+        .enumerate()
+        .map(|(s, n)| case.values(s as u64, n))
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    let (mut out_ref, mut dx_ref, mut dw_ref) = (vec![0.0; t * b], vec![0.0; t * a], vec![0.0; a * b]);
+    for row in 0..t {
+        for i in 0..a {
+            for j in 0..b {
+                out_ref[row * b + j] += x[row * a + i] * w[i * b + j];
+                dx_ref[row * a + i] += r[row * b + j] * w[i * b + j];
+                dw_ref[i * b + j] += x[row * a + i] * r[row * b + j];
+            }
+        }
+    }
+    for tracked in [Tracked::Both, Tracked::RowsOnly, Tracked::WeightsOnly] {
+        let xt = tensor::<B, 2>(&x, [t, a], tracked.rows());
+        let wt = tensor::<B, 2>(&w, [a, b], tracked.weights());
+        let out = B::moe_dense_matmul(xt.clone(), wt.clone());
+        assert_close(&format!("{tracked:?} out"), host(out.clone()), &out_ref);
+        let grads = (out * tensor::<B, 2>(&r, [t, b], false)).sum().backward();
+        if let Some(dx) = grad_of(&xt, &grads, tracked.rows()) {
+            assert_close(&format!("{tracked:?} dx"), dx, &dx_ref);
+        }
+        if let Some(dw) = grad_of(&wt, &grads, tracked.weights()) {
+            assert_close(&format!("{tracked:?} dw"), dw, &dw_ref);
+        }
     }
 }
 

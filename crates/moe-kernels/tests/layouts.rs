@@ -37,8 +37,9 @@ fn host_reference(
 /// `(t, k, e, a, b)`: tokens, experts per token, experts, input and output width.
 type Shape = (usize, usize, usize, usize, usize);
 
-/// Runs both layouts on one random routing and checks them against the host loop, within
-/// `tolerance` relative (plus as much absolute).
+/// Runs both layouts and the backend's route on one random routing: outputs against the host
+/// loop within `tolerance` relative (plus as much absolute), gradients against the `Padded`
+/// route's within `tolerance` in norm.
 fn check_layouts<B: AutodiffBackend + MoeBackend>(
     (t, k, e, a, b): Shape,
     factor: Option<f64>,
@@ -100,11 +101,19 @@ fn check_layouts<B: AutodiffBackend + MoeBackend>(
         let gm: Vec<f32> = m.grad(&grads).unwrap().into_data().iter::<f32>().collect();
         grads_by_layout.push((gx, gm));
     }
+    // Gradients against the `Padded` route's, by `||g - ref|| / ||ref||`: an element that is a
+    // small difference of large terms carries its terms' rounding, which an element-wise bound
+    // would read as an error (TF32 on CUDA: 0.649 against 0.584). Written so that NaN fails.
+    let relative = |g: &[f32], r: &[f32]| {
+        let diff: f64 = g.iter().zip(r).map(|(g, r)| f64::from(g - r).powi(2)).sum();
+        let norm: f64 = r.iter().map(|r| f64::from(*r).powi(2)).sum();
+        (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+    };
     let padded = &grads_by_layout[0];
-    for other in &grads_by_layout[1..] {
-        for (p, s) in padded.0.iter().chain(&padded.1).zip(other.0.iter().chain(&other.1)) {
-            assert!((p - s).abs() <= tolerance * (1.0 + p.abs()), "gradients: {p} vs {s}");
-        }
+    for (route, other) in grads_by_layout.iter().enumerate().skip(1) {
+        let (ex, em) = (relative(&other.0, &padded.0), relative(&other.1, &padded.1));
+        let bound = f64::from(tolerance);
+        assert!(ex <= bound && em <= bound, "route {route}: gradient errors x {ex:e}, m {em:e} over {bound:e}");
     }
 }
 
@@ -159,13 +168,13 @@ fn layouts_agree_with_the_host_loop_on_wgpu() {
     }
 }
 
-/// The same on burn-cuda (the H200 runs it). There the `Padded` route's output (burn's own f32
-/// matmul, which cubecl may run on TF32 tensor cores) differed from the host loop by 1.6e-4
-/// relative, over the 1e-4 the CPU backends meet, so the bound is 2e-3.
+/// The same on burn-cuda (the H200 runs it). There the `Padded` route runs burn's own f32
+/// matmul on TF32 tensor cores (10-bit mantissa): its outputs differed from the host loop by
+/// up to 2.9e-3 (at 0.35), over the 1e-4 the CPU backends meet, so the bound is 1e-2.
 #[cfg(feature = "cuda")]
 #[test]
 fn layouts_agree_with_the_host_loop_on_cuda() {
     for (shape, factor, seed) in GPU_CASES {
-        check_layouts::<Autodiff<burn::backend::Cuda>>(shape, factor, seed, 2e-3);
+        check_layouts::<Autodiff<burn::backend::Cuda>>(shape, factor, seed, 1e-2);
     }
 }

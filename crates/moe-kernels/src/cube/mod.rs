@@ -23,7 +23,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cubecl::ir::{StorageType, features::MmaConfig};
-use cubecl::prelude::{CubeCount, CubeDim};
+use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use kernel::{
     COUNT_UNITS, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, Tiling, combine_rows, count_experts, gather_rows,
@@ -79,6 +79,9 @@ pub trait MoeCubeKernels: Backend {
     /// [`Selection::select`] on `choice` `[T, E]` (f32): the ids `[T, K]`, exactly the
     /// portable ones.
     fn select_experts(choice: FloatTensor<Self>, selection: &Selection) -> IntTensor<Self>;
+
+    /// Whether the grouped products of `dtype` tensors on `device` run on tensor cores.
+    fn tensor_cores(dtype: DType, device: &Self::Device) -> bool;
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKernels for CubeBackend<R, F, I, BT> {
@@ -181,6 +184,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
 
     fn select_experts(choice: CubeTensor<R>, selection: &Selection) -> CubeTensor<R> {
         select::launch_select(choice, selection, I::dtype())
+    }
+
+    fn tensor_cores(dtype: DType, device: &R::Device) -> bool {
+        tensor_cores_for(&R::client(device), dtype)
     }
 }
 
@@ -298,11 +305,16 @@ pub fn kernels_enabled() -> bool {
 /// Whether the `cmma` path runs for this tensor's element type: half precision in, f32
 /// accumulate, 16x16x16 fragments, planes of 32 (the kernel's 2x2 plane grid assumes it).
 pub fn use_tensor_cores<R: CubeRuntime>(tensor: &CubeTensor<R>) -> bool {
-    if !matches!(tensor.dtype, DType::BF16 | DType::F16) {
+    tensor_cores_for(&tensor.client, tensor.dtype)
+}
+
+/// [`use_tensor_cores`] for `dtype` on `client`'s device.
+fn tensor_cores_for<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
         return false;
     }
-    let props = tensor.client.properties();
-    let elem: StorageType = tensor.dtype.into();
+    let props = client.properties();
+    let elem: StorageType = dtype.into();
     let config = MmaConfig { a_type: elem, b_type: elem, cd_type: DType::F32.into(), m: 16, n: 16, k: 16 };
     props.hardware.plane_size_min == 32
         && props.hardware.plane_size_max == 32
@@ -342,10 +354,10 @@ pub fn launch_rows<R: CubeRuntime>(
     let aligned = rs[1] == 1 && eighth(rs[0]) && eighth(k) && eighth(ws[0]) && b_ok;
     let pipe = pipeline(&rows, &[&rows, &weights], tiling, aligned, MODE_ROWS, b_depth_contiguous, n);
     let n_blocks = n.div_ceil(tiling.tile_n) as u32;
-    // Tiles run along x; a device's x limit (65535 on wgpu) splits very long tables.
-    let max_x = rows.client.properties().hardware.max_cube_count.0 as usize;
-    for chunk in table.chunks(max_x * 3) {
-        let count = CubeCount::Static((chunk.len() / 3) as u32, n_blocks, 1);
+    // Row tiles run along y; a device's y limit (65535) splits very long tables.
+    let max_y = rows.client.properties().hardware.max_cube_count.1 as usize;
+    for chunk in table.chunks(max_y * 3) {
+        let count = CubeCount::Static(n_blocks, (chunk.len() / 3) as u32, 1);
         launch_gemm(&rows, &weights, u32_tensor(&rows, chunk), &out, count, MODE_ROWS, tiling, pipe);
     }
     out
@@ -574,6 +586,17 @@ macro_rules! cube_moe_methods {
             ))
         }
 
+        fn moe_dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+            // The grouped GEMM with one segment: faster than burn's matmul on tensor cores,
+            // while the scalar tile product (f32, devices without them) is slower.
+            if !kernels_enabled() || !Self::tensor_cores(x.dtype(), &x.device()) {
+                return x.matmul(w);
+            }
+            let rows = x.dims()[0];
+            let w = float_primitive(w.unsqueeze_dim::<3>(0));
+            float_tensor(Self::grouped_gemm(float_primitive(x), w, &[rows]))
+        }
+
         fn moe_grouped_swiglu(
             rows: Tensor<Self, 2>,
             gate: Tensor<Self, 3>,
@@ -733,6 +756,10 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
     ) -> FloatTensor<Self> {
         let shape = Shape::new([weights.shape[0], rows.shape[1]]);
         fused::<B>(Kernel::Combine, vec![rows, row_of_pair, weights], shape, None)
+    }
+
+    fn tensor_cores(dtype: DType, device: &Self::Device) -> bool {
+        B::tensor_cores(dtype, device)
     }
 
     fn select_experts(choice: FloatTensor<Self>, selection: &Selection) -> IntTensor<Self> {

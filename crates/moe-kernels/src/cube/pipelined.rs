@@ -79,10 +79,10 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
     let n_end = out.shape(out.rank() - 1);
     // Where each operand's tile lies. Row tiles may read rows past their segment (never
     // written back) but not past the buffer.
-    let mut a = Operand { base: 0, stride: lhs.stride(0), outer0: m0, outer_end: m_end };
+    // Rows past the segment's end are zero-filled, never read (no product uses them).
+    let a = Operand { base: 0, stride: lhs.stride(0), outer0: m0, outer_end: m_end };
     let mut b = Operand { base: 0, stride: rhs.stride(0), outer0: n0, outer_end: n_end };
     if rows_mode {
-        a.outer_end = lhs.shape(0);
         b.base = expert * rhs.stride(0);
         b.stride = rhs.stride(1);
         if comptime!(pipe.b_depth_contiguous) {
@@ -104,6 +104,14 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
     let (pm, pn) = plane_origin(pipe.tiling);
     let acc = zero_accumulators(fm * fnn);
 
+    // 16-row fragment rows of this plane's block that hold valid rows: the last row tile of a
+    // segment skips the products of rows past its end (zeros), freeing the tensor cores for
+    // the other cubes on the SM.
+    let mut live = 0usize;
+    if m_end > m0 + pm {
+        live = (m_end - m0 - pm).div_ceil(16usize);
+    }
+
     let steps = (k_end - k_begin).div_ceil(depth);
     // Prologue: the first `stages - 1` steps.
     #[unroll]
@@ -113,6 +121,64 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
             issue_step::<F>(lhs, rhs, &a, &b, k0, k_end, &mut smem_a, &mut smem_b, bars.index(s), s, pipe, mode);
         }
     }
+    run_steps::<F>(
+        lhs,
+        rhs,
+        &a,
+        &b,
+        k_begin,
+        k_end,
+        steps,
+        &mut smem_a,
+        &mut smem_b,
+        &bars,
+        pm,
+        pn,
+        live,
+        &acc,
+        pipe,
+        mode,
+    );
+
+    let (m, n) = (m0 + pm, n0 + pn);
+    if comptime!(pipe.store_whole) && m0 + tile_m <= m_end && n0 + tile_n <= n_end {
+        #[unroll]
+        for i in 0..fm {
+            #[unroll]
+            for j in 0..fnn {
+                store_direct::<F>(out, acc.index(i * fnn + j), expert, m + i * 16, n + j * 16, mode);
+            }
+        }
+        terminate!();
+    }
+    write_fragments::<F>(out, &acc, expert, m, m_end, n, n_end, pipe.tiling, mode);
+}
+
+/// The main loop: step `i` is consumed from stage `i % stages` while the copies of the steps
+/// after it are in flight.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn run_steps<F: Float>(
+    lhs: &Tensor<F>,
+    rhs: &Tensor<F>,
+    a: &Operand,
+    b: &Operand,
+    k_begin: usize,
+    k_end: usize,
+    steps: usize,
+    smem_a: &mut SharedMemory<F>,
+    smem_b: &mut SharedMemory<F>,
+    bars: &Sequence<Shared<Barrier>>,
+    pm: usize,
+    pn: usize,
+    live: usize,
+    acc: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] pipe: Pipeline,
+    #[comptime] mode: u32,
+) {
+    let (tile_m, tile_n, depth, stages) = comptime!((pipe.tiling.tile_m, pipe.tiling.tile_n, pipe.depth, pipe.stages));
+    let a_len = comptime!(stage_len(tile_m, depth, mode == MODE_ROWS));
+    let b_len = comptime!(stage_len(tile_n, depth, pipe.b_depth_contiguous));
     // Step `i` lives in stage `i % stages`; a stage's barrier completes one phase per use,
     // so round `r` of the loop waits for parity `r % 2` on every stage.
     let mut step = 0usize;
@@ -128,57 +194,100 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
                 let ns = comptime!((s + stages - 1) % stages);
                 if next < steps {
                     let k0 = k_begin + next * depth;
-                    issue_step::<F>(
-                        lhs,
-                        rhs,
-                        &a,
-                        &b,
-                        k0,
-                        k_end,
-                        &mut smem_a,
-                        &mut smem_b,
-                        bars.index(ns),
-                        ns,
-                        pipe,
-                        mode,
-                    );
+                    issue_step::<F>(lhs, rhs, a, b, k0, k_end, smem_a, smem_b, bars.index(ns), ns, pipe, mode);
                 }
                 bars.index(s).wait_parity(phase);
-                #[unroll]
-                for ks in 0..depth / 16 {
-                    let fa = stage_fragments::<F>(&smem_a, s * a_len, pm, ks * 16, fm, tile_m, depth, rows_mode, true);
-                    let fb = stage_fragments::<F>(
-                        &smem_b,
-                        s * b_len,
-                        pn,
-                        ks * 16,
-                        fnn,
-                        tile_n,
-                        depth,
-                        pipe.b_depth_contiguous,
-                        false,
-                    );
-                    multiply_accumulate::<F>(&fa, &fb, &acc, fm, fnn);
-                }
+                step_product::<F>(smem_a, smem_b, s * a_len, s * b_len, pm, pn, live, acc, pipe, mode);
                 sync_cube();
             }
         }
         step += stages;
         phase ^= 1;
     }
+}
 
-    let (m, n) = (m0 + pm, n0 + pn);
-    if comptime!(pipe.store_whole) && m0 + tile_m <= m_end && n0 + tile_n <= n_end {
-        #[unroll]
-        for i in 0..fm {
+/// The plane's `fm x fnn` products of one step: every load ahead of the products in one
+/// branch-free block, as the compiler schedules it best.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn full_product<F: Float>(
+    smem_a: &SharedMemory<F>,
+    smem_b: &SharedMemory<F>,
+    a_offset: usize,
+    b_offset: usize,
+    pm: usize,
+    pn: usize,
+    acc: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] pipe: Pipeline,
+    #[comptime] mode: u32,
+) {
+    let (tile_m, tile_n, depth) = comptime!((pipe.tiling.tile_m, pipe.tiling.tile_n, pipe.depth));
+    let (fm, fnn) = comptime!((pipe.tiling.warp_m / 16, pipe.tiling.warp_n / 16));
+    let (rows_mode, b_contiguous) = comptime!((mode == MODE_ROWS, pipe.b_depth_contiguous));
+    #[unroll]
+    for ks in 0..depth / 16 {
+        let fa = stage_fragments::<F>(smem_a, a_offset, pm, ks * 16, fm, tile_m, depth, rows_mode, true);
+        let fb = stage_fragments::<F>(smem_b, b_offset, pn, ks * 16, fnn, tile_n, depth, b_contiguous, false);
+        multiply_accumulate::<F>(&fa, &fb, acc, fm, fnn);
+    }
+}
+
+/// One pipeline step's products on the stages at `a_offset` and `b_offset`: the plane's `fm x
+/// fnn` fragments, or only its first `live` fragment rows where fewer hold rows of the
+/// segment. On the H200 the test inside the step cost the dsv3 row GEMM nothing measurable
+/// (a copy of the main loop per case cost it 9%) but the small shape's weight gradient 15%, so
+/// the weight gradient, whose tiles are full along the rows, has no test.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn step_product<F: Float>(
+    smem_a: &SharedMemory<F>,
+    smem_b: &SharedMemory<F>,
+    a_offset: usize,
+    b_offset: usize,
+    pm: usize,
+    pn: usize,
+    live: usize,
+    acc: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] pipe: Pipeline,
+    #[comptime] mode: u32,
+) {
+    let (tile_m, tile_n, depth) = comptime!((pipe.tiling.tile_m, pipe.tiling.tile_n, pipe.depth));
+    let (fm, fnn) = comptime!((pipe.tiling.warp_m / 16, pipe.tiling.warp_n / 16));
+    let rows_mode = comptime!(mode == MODE_ROWS);
+    let b_contiguous = comptime!(pipe.b_depth_contiguous);
+    if comptime!(rows_mode) {
+        if live >= fm {
+            full_product::<F>(smem_a, smem_b, a_offset, b_offset, pm, pn, acc, pipe, mode);
+        } else if live > 0usize {
             #[unroll]
-            for j in 0..fnn {
-                store_direct::<F>(out, acc.index(i * fnn + j), expert, m + i * 16, n + j * 16, mode);
+            for ks in 0..depth / 16 {
+                let fb = stage_fragments::<F>(smem_b, b_offset, pn, ks * 16, fnn, tile_n, depth, b_contiguous, false);
+                #[unroll]
+                for i in 0..fm {
+                    if i < live {
+                        let fa = stage_fragments::<F>(
+                            smem_a,
+                            a_offset,
+                            pm + i * 16,
+                            ks * 16,
+                            1usize,
+                            tile_m,
+                            depth,
+                            rows_mode,
+                            true,
+                        );
+                        #[unroll]
+                        for j in 0..fnn {
+                            let c = acc.index(i * fnn + j);
+                            cmma::execute::<F, F, f32, f32>(fa.index(0usize), fb.index(j), c, c);
+                        }
+                    }
+                }
             }
         }
-        terminate!();
+    } else {
+        full_product::<F>(smem_a, smem_b, a_offset, b_offset, pm, pn, acc, pipe, mode);
     }
-    write_fragments::<F>(out, &acc, expert, m, m_end, n, n_end, pipe.tiling, mode);
 }
 
 /// Where one operand's tile lies in its tensor: the tensor starts at `base` with row stride
