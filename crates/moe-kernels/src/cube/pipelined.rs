@@ -5,9 +5,10 @@
 //! Operand tiles stream into shared memory in 16-byte copies, `stages` reduction steps in
 //! flight, each step's copies tracked by its own barrier, so the tensor cores work on one step
 //! while the next ones load. A copy outside the valid rows, columns or depth fills its 16 bytes
-//! with zeros: segments need not be tile multiples, a row tile never reads past the buffer, and
-//! a weight-gradient tile never sums another expert's rows. Each shared-memory row is padded by
-//! 8 elements so that a fragment's 16 rows do not all fall in the same banks.
+//! with zeros: segments need not be tile multiples, a row tile never reads past its segment
+//! (and skips the products of 16-row fragments past it), and a weight-gradient tile never sums
+//! another expert's rows. Each shared-memory row is padded by 8 elements so that a fragment's 16
+//! rows do not all fall in the same banks.
 //!
 //! Shared memory keeps each operand's contiguous axis: `A` is `[m][depth]` for row tiles
 //! (the rows' features are contiguous) and `[depth][m]` for the weight gradient (`lhs^T`); `B`
@@ -77,9 +78,8 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
     let rows_mode = comptime!(mode == MODE_ROWS);
     let (expert, m0, m_end, k_begin, k_end, n0) = tile_position::<F>(lhs, tiles, mode, tile_m, tile_n);
     let n_end = out.shape(out.rank() - 1);
-    // Where each operand's tile lies. Row tiles may read rows past their segment (never
-    // written back) but not past the buffer.
-    // Rows past the segment's end are zero-filled, never read (no product uses them).
+    // Where each operand's tile lies. Rows past the segment's end are zero-filled, never
+    // read (no product uses them).
     let a = Operand { base: 0, stride: lhs.stride(0), outer0: m0, outer_end: m_end };
     let mut b = Operand { base: 0, stride: rhs.stride(0), outer0: n0, outer_end: n_end };
     if rows_mode {
