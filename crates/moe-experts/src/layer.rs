@@ -180,9 +180,15 @@ impl<B: Backend> MoeLayer<B> {
         Ok((x.reshape([dims[0] * dims[1], dims[2]]), dims))
     }
 
-    fn shared_plus(&self, x: Tensor<B, 2>, routed: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// `routed` plus the shared experts on `x`, their products run by `matmul`.
+    fn shared_plus(
+        &self,
+        x: Tensor<B, 2>,
+        routed: Tensor<B, 2>,
+        matmul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
         match &self.shared {
-            Some(shared) => routed + shared.forward(x),
+            Some(shared) => routed + shared.forward_with(x, matmul),
             None => routed,
         }
     }
@@ -193,7 +199,7 @@ impl<B: Backend> MoeLayer<B> {
         let (flat, dims) = self.flatten(x)?;
         let routing = self.router.forward(flat.clone());
         let routed = self.experts.forward_loop(flat.clone(), routing.expert_ids, routing.weights);
-        Ok(self.shared_plus(flat, routed).reshape(dims))
+        Ok(self.shared_plus(flat, routed, Tensor::matmul).reshape(dims))
     }
 }
 
@@ -213,11 +219,7 @@ impl<B: MoeBackend> MoeLayer<B> {
         let (routed, plan) =
             self.experts.forward(flat.clone(), aux.expert_ids.clone(), aux.weights.clone(), limit, priority)?;
         aux.dropped = plan.dropped();
-        let out = match &self.shared {
-            Some(shared) => routed + shared.forward_with(flat, B::moe_dense_matmul),
-            None => routed,
-        };
-        Ok((out.reshape(dims), aux))
+        Ok((self.shared_plus(flat, routed, B::moe_dense_matmul).reshape(dims), aux))
     }
 }
 

@@ -80,6 +80,29 @@ fn check(label: &str, out: &[f64], reference: &[f64], tolerance: f64) {
     assert!(err <= tolerance, "{label}: relative error {err:e} over {tolerance:e}");
 }
 
+/// The float64 references of the three grouped products over `segments` (rows per expert):
+/// `y = x w_e`, `dx = g w_e^T` and `dw_e = x_e^T g_e`, with `x` `[rows, a]`, `w` `[E, a, b]`
+/// and `g` `[rows, b]`.
+fn host_products(segments: &[usize], (a, b): (usize, usize), x: &[f64], w: &[f64], g: &[f64]) -> [Vec<f64>; 3] {
+    let rows: usize = segments.iter().sum();
+    let (mut y, mut dx, mut dw) = (vec![0.0; rows * b], vec![0.0; rows * a], vec![0.0; segments.len() * a * b]);
+    let mut first = 0;
+    for (e, &n) in segments.iter().enumerate() {
+        for r in first..first + n {
+            for i in 0..a {
+                for j in 0..b {
+                    let wv = w[(e * a + i) * b + j];
+                    y[r * b + j] += x[r * a + i] * wv;
+                    dx[r * a + i] += g[r * b + j] * wv;
+                    dw[(e * a + i) * b + j] += x[r * a + i] * g[r * b + j];
+                }
+            }
+        }
+        first += n;
+    }
+    [y, dx, dw]
+}
+
 /// Runs every case on `device` in `dtype`, with the tensor-core path when `tensor_cores`.
 fn run_cases<R: CubeRuntime>(device: &R::Device, dtype: DType, tensor_cores: bool, tolerance: f64) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
@@ -94,22 +117,7 @@ fn run_cases<R: CubeRuntime>(device: &R::Device, dtype: DType, tensor_cores: boo
         let (g, gh) = upload::<R, 2>(rng.values(rows * b), [rows, b], dtype, device);
         let path = |_: &CubeTensor<R>| tensor_cores;
 
-        // Host references: y = x w_e, dx = g w_e^T, dw_e = x_e^T g_e.
-        let (mut y, mut dx, mut dw) = (vec![0.0; rows * b], vec![0.0; rows * a], vec![0.0; experts * a * b]);
-        let mut first = 0;
-        for (e, &n) in segments.iter().enumerate() {
-            for r in first..first + n {
-                for i in 0..a {
-                    for j in 0..b {
-                        let wv = wh[(e * a + i) * b + j];
-                        y[r * b + j] += xh[r * a + i] * wv;
-                        dx[r * a + i] += gh[r * b + j] * wv;
-                        dw[(e * a + i) * b + j] += xh[r * a + i] * gh[r * b + j];
-                    }
-                }
-            }
-            first += n;
-        }
+        let [y, dx, dw] = host_products(segments, (a, b), &xh, &wh, &gh);
 
         let out = download::<R, 2>(launch_rows(x.clone(), w.clone(), segments, path));
         check(&format!("{label} rows x weights"), &out, &y, tolerance);
@@ -204,16 +212,7 @@ fn check_dense_product<R: CubeRuntime>(device: &R::Device, dtype: DType, toleran
     let (x, xh) = upload::<R, 2>(rng.values(t * a), [t, a], dtype, device);
     let (w, wh) = upload::<R, 2>(rng.values(a * b), [a, b], dtype, device);
     let (r, rh) = upload::<R, 2>(rng.values(t * b), [t, b], dtype, device);
-    let (mut y, mut dx, mut dw) = (vec![0.0; t * b], vec![0.0; t * a], vec![0.0; a * b]);
-    for row in 0..t {
-        for i in 0..a {
-            for j in 0..b {
-                y[row * b + j] += xh[row * a + i] * wh[i * b + j];
-                dx[row * a + i] += rh[row * b + j] * wh[i * b + j];
-                dw[i * b + j] += xh[row * a + i] * rh[row * b + j];
-            }
-        }
-    }
+    let [y, dx, dw] = host_products(&[t], (a, b), &xh, &wh, &rh);
     let tracked = |p: CubeTensor<R>| {
         Tensor::<Tracked<R>, 2>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(p))).require_grad()
     };

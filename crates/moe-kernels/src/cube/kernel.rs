@@ -226,31 +226,12 @@ pub(crate) fn shared_fragments<F: Float>(
     #[comptime] col_major: bool,
 ) -> Sequence<cmma::Matrix<F>> {
     let end = smem.len();
+    let layout = comptime!(if col_major { cmma::MatrixLayout::ColMajor } else { cmma::MatrixLayout::RowMajor });
     let mut fragments = Sequence::<cmma::Matrix<F>>::new();
     #[unroll]
     for i in 0..count {
         let slice = smem.slice(start + i * step, end);
-        if comptime!(col_major) {
-            fragments.push(cmma::Matrix::<F>::from_slice(
-                ident,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::ColMajor,
-                &slice,
-                pitch as u32,
-            ));
-        } else {
-            fragments.push(cmma::Matrix::<F>::from_slice(
-                ident,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &slice,
-                pitch as u32,
-            ));
-        }
+        fragments.push(cmma::Matrix::<F>::from_slice(ident, 16usize, 16usize, 16usize, layout, &slice, pitch as u32));
     }
     fragments
 }

@@ -352,7 +352,7 @@ pub fn launch_rows<R: CubeRuntime>(
     let b_depth_contiguous = ws[2] != 1;
     let b_ok = if b_depth_contiguous { ws[1] == 1 && eighth(ws[2]) } else { eighth(ws[1]) && eighth(n) };
     let aligned = rs[1] == 1 && eighth(rs[0]) && eighth(k) && eighth(ws[0]) && b_ok;
-    let pipe = pipeline(&rows, &[&rows, &weights], tiling, aligned, MODE_ROWS, b_depth_contiguous, n);
+    let pipe = pipeline([&rows, &weights], tiling, aligned, MODE_ROWS, b_depth_contiguous, n);
     let n_blocks = n.div_ceil(tiling.tile_n) as u32;
     // Row tiles run along y; a device's y limit (65535) splits very long tables.
     let max_y = rows.client.properties().hardware.max_cube_count.1 as usize;
@@ -392,7 +392,7 @@ pub fn launch_weight_grad<R: CubeRuntime>(
     let tiling = tiling(cmma);
     let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
     let aligned = rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], a, b].iter().all(|s| s.is_multiple_of(CHUNK));
-    let pipe = pipeline(&rows, &[&rows, &grad], tiling, aligned, MODE_WEIGHTS, false, b);
+    let pipe = pipeline([&rows, &grad], tiling, aligned, MODE_WEIGHTS, false, b);
     let count = CubeCount::Static(b.div_ceil(tiling.tile_n) as u32, a.div_ceil(tiling.tile_m) as u32, experts as u32);
     launch_gemm(&rows, &grad, u32_tensor(&rows, &offsets), &out, count, MODE_WEIGHTS, tiling, pipe);
     out
@@ -443,20 +443,19 @@ fn launch_gemm<R: CubeRuntime>(
 
 /// The pipelined kernel's shape for a launch whose operand layouts allow it (`aligned`) on
 /// the tensor-core `tiling`, or `None` for the general kernel: the device must have
-/// asynchronous copies and the shared memory for the stages, and every operand must start
+/// asynchronous copies and the shared memory for the stages, and both operands must start
 /// on a 16-byte boundary. `out_width` is the output's row stride.
 fn pipeline<R: CubeRuntime>(
-    like: &CubeTensor<R>,
-    operands: &[&CubeTensor<R>],
+    [lhs, rhs]: [&CubeTensor<R>; 2],
     tiling: Tiling,
     aligned: bool,
     mode: u32,
     b_depth_contiguous: bool,
     out_width: usize,
 ) -> Option<Pipeline> {
-    let props = like.client.properties();
-    let starts_aligned = operands.iter().all(|t| t.handle.offset_start.unwrap_or(0).is_multiple_of(16));
-    if !tiling.cmma || !aligned || !starts_aligned || !props.features.copy_async || like.dtype.size() != 2 {
+    let props = lhs.client.properties();
+    let starts_aligned = [lhs, rhs].iter().all(|t| t.handle.offset_start.unwrap_or(0).is_multiple_of(16));
+    if !tiling.cmma || !aligned || !starts_aligned || !props.features.copy_async || lhs.dtype.size() != 2 {
         return None;
     }
     let (depth, stages) = pipeline_depth();

@@ -121,64 +121,6 @@ pub(crate) fn grouped_gemm_pipelined<F: Float>(
             issue_step::<F>(lhs, rhs, &a, &b, k0, k_end, &mut smem_a, &mut smem_b, bars.index(s), s, pipe, mode);
         }
     }
-    run_steps::<F>(
-        lhs,
-        rhs,
-        &a,
-        &b,
-        k_begin,
-        k_end,
-        steps,
-        &mut smem_a,
-        &mut smem_b,
-        &bars,
-        pm,
-        pn,
-        live,
-        &acc,
-        pipe,
-        mode,
-    );
-
-    let (m, n) = (m0 + pm, n0 + pn);
-    if comptime!(pipe.store_whole) && m0 + tile_m <= m_end && n0 + tile_n <= n_end {
-        #[unroll]
-        for i in 0..fm {
-            #[unroll]
-            for j in 0..fnn {
-                store_direct::<F>(out, acc.index(i * fnn + j), expert, m + i * 16, n + j * 16, mode);
-            }
-        }
-        terminate!();
-    }
-    write_fragments::<F>(out, &acc, expert, m, m_end, n, n_end, pipe.tiling, mode);
-}
-
-/// The main loop: step `i` is consumed from stage `i % stages` while the copies of the steps
-/// after it are in flight.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn run_steps<F: Float>(
-    lhs: &Tensor<F>,
-    rhs: &Tensor<F>,
-    a: &Operand,
-    b: &Operand,
-    k_begin: usize,
-    k_end: usize,
-    steps: usize,
-    smem_a: &mut SharedMemory<F>,
-    smem_b: &mut SharedMemory<F>,
-    bars: &Sequence<Shared<Barrier>>,
-    pm: usize,
-    pn: usize,
-    live: usize,
-    acc: &Sequence<cmma::Matrix<f32>>,
-    #[comptime] pipe: Pipeline,
-    #[comptime] mode: u32,
-) {
-    let (tile_m, tile_n, depth, stages) = comptime!((pipe.tiling.tile_m, pipe.tiling.tile_n, pipe.depth, pipe.stages));
-    let a_len = comptime!(stage_len(tile_m, depth, mode == MODE_ROWS));
-    let b_len = comptime!(stage_len(tile_n, depth, pipe.b_depth_contiguous));
     // Step `i` lives in stage `i % stages`; a stage's barrier completes one phase per use,
     // so round `r` of the loop waits for parity `r % 2` on every stage.
     let mut step = 0usize;
@@ -194,16 +136,42 @@ fn run_steps<F: Float>(
                 let ns = comptime!((s + stages - 1) % stages);
                 if next < steps {
                     let k0 = k_begin + next * depth;
-                    issue_step::<F>(lhs, rhs, a, b, k0, k_end, smem_a, smem_b, bars.index(ns), ns, pipe, mode);
+                    issue_step::<F>(
+                        lhs,
+                        rhs,
+                        &a,
+                        &b,
+                        k0,
+                        k_end,
+                        &mut smem_a,
+                        &mut smem_b,
+                        bars.index(ns),
+                        ns,
+                        pipe,
+                        mode,
+                    );
                 }
                 bars.index(s).wait_parity(phase);
-                step_product::<F>(smem_a, smem_b, s * a_len, s * b_len, pm, pn, live, acc, pipe, mode);
+                step_product::<F>(&smem_a, &smem_b, s * a_len, s * b_len, pm, pn, live, &acc, pipe, mode);
                 sync_cube();
             }
         }
         step += stages;
         phase ^= 1;
     }
+
+    let (m, n) = (m0 + pm, n0 + pn);
+    if comptime!(pipe.store_whole) && m0 + tile_m <= m_end && n0 + tile_n <= n_end {
+        #[unroll]
+        for i in 0..fm {
+            #[unroll]
+            for j in 0..fnn {
+                store_direct::<F>(out, acc.index(i * fnn + j), expert, m + i * 16, n + j * 16, mode);
+            }
+        }
+        terminate!();
+    }
+    write_fragments::<F>(out, &acc, expert, m, m_end, n, n_end, pipe.tiling, mode);
 }
 
 /// The plane's `fm x fnn` products of one step: every load ahead of the products in one
