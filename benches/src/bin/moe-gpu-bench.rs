@@ -10,7 +10,9 @@
 //! `--warmup` untimed iterations first (cubecl autotunes and compiles kernels on first calls),
 //! then `--reps` timed iterations; each timed iteration is `Instant::now()`, the work, then
 //! `Backend::sync` (which flushes the fusion queue and waits for the device) before the clock
-//! stops. The row reports the median, min and max. The device's memory pool is cleaned between
+//! stops. The row reports the median, min and max, and `enqueue_ms`: the median host time until
+//! the work was handed over, before the sync (burn-fusion may still run queued operations'
+//! host work inside the sync). The device's memory pool is cleaned between
 //! rows. One JSON object per row is appended to `--out` as soon as the row is done, so a later
 //! crash or timeout keeps the rows before it.
 //!
@@ -29,6 +31,8 @@
 //!   against the `layer` row: `select` and `count` (the router's selection and per-expert
 //!   counts alone), `plan`, `permute`,
 //!   `swiglu` (the grouped expert MLPs), `combine`, `shared` (the shared experts).
+//! - `launches`: the host's cost per kernel launch, through fusion and without (see
+//!   `time_launches`).
 //! - `mm8192`: a plain 8192^3 matmul in the backend's float type through burn (once, forward
 //!   mode), against PyTorch's `bf16_matmul_tflops`.
 
@@ -135,7 +139,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: moe-gpu-bench [--backend {}] --shape dsv3|small --mode fwd|fwdbwd [--tokens 4096,8192,16384] \
-         [--what layer,dense,router,stages,gemm,gemm_wgrad,gemm_down,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]",
+         [--what layer,dense,router,stages,launches,gemm,gemm_wgrad,gemm_down,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]",
         BACKENDS.iter().map(|b| b.0).collect::<Vec<_>>().join("|")
     );
     std::process::exit(2)
@@ -187,8 +191,14 @@ fn parse_args() -> Args {
     args
 }
 
+/// Host milliseconds of the last `time` call's timed runs until the work was handed over
+/// (before the sync), median: when it is close to the row's time, the host's dispatch, not the
+/// device, sets the pace.
+static ENQUEUE_MS: std::sync::Mutex<f64> = std::sync::Mutex::new(f64::NAN);
+
 /// Warmup, then `reps` timed runs of `f`, each ended by a device sync. Returns
-/// (first warmup ms, sorted timed ms).
+/// (first warmup ms, sorted timed ms), and leaves the median host time before the sync in
+/// [`ENQUEUE_MS`].
 /// The closure returns what it computed, held until after the sync so that no lazy backend
 /// can skip work whose result is dropped unread.
 fn time<B: Backend, R>(device: &B::Device, warmup: usize, reps: usize, mut f: impl FnMut() -> R) -> (f64, Vec<f64>) {
@@ -202,10 +212,12 @@ fn time<B: Backend, R>(device: &B::Device, warmup: usize, reps: usize, mut f: im
             first = start.elapsed().as_secs_f64() * 1e3;
         }
     }
+    let mut enqueue = Vec::with_capacity(reps);
     let mut ms: Vec<f64> = (0..reps)
         .map(|_| {
             let start = Instant::now();
             let kept = f();
+            enqueue.push(start.elapsed().as_secs_f64() * 1e3);
             B::sync(device).expect("device sync");
             let ms = start.elapsed().as_secs_f64() * 1e3;
             drop(kept);
@@ -213,6 +225,8 @@ fn time<B: Backend, R>(device: &B::Device, warmup: usize, reps: usize, mut f: im
         })
         .collect();
     ms.sort_by(f64::total_cmp);
+    enqueue.sort_by(f64::total_cmp);
+    *ENQUEUE_MS.lock().expect("timing lock") = median(&enqueue);
     (first, ms)
 }
 
@@ -249,10 +263,11 @@ struct Row<'a> {
 
 fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
     let med = median(&row.ms);
+    let enqueue = *ENQUEUE_MS.lock().expect("timing lock");
     let tflops = if row.flops > 0.0 { row.flops / med / 1e9 } else { f64::NAN };
     let json = format!(
         "{{\"shape\":\"{}\",\"tokens\":{},\"mode\":\"{}\",\"what\":\"{}\",\"median_ms\":{:.4},\"min_ms\":{:.4},\
-         \"max_ms\":{:.4},\"first_ms\":{:.2},\"reps\":{},\"warmup\":{},\"flops\":{:.6e},\"tflops\":{},\"path\":\"{}\",\"dtype\":\"{}\"}}",
+         \"max_ms\":{:.4},\"first_ms\":{:.2},\"reps\":{},\"warmup\":{},\"flops\":{:.6e},\"tflops\":{},\"path\":\"{}\",\"dtype\":\"{}\",\"enqueue_ms\":{:.4}}}",
         row.shape,
         row.tokens,
         row.mode,
@@ -267,9 +282,10 @@ fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
         if tflops.is_finite() { format!("{tflops:.2}") } else { "null".into() },
         if moe_kernels::cube::kernels_enabled() { "kernels" } else { "portable" },
         B::DTYPE,
+        enqueue,
     );
     println!(
-        "{:<6} T {:>6} {:<7} {:<7} median {:>9.3} ms (min {:.3}, max {:.3}, first {:.0} ms)  {:>7.1} TFLOP/s  {:>5.1}% of 759",
+        "{:<6} T {:>6} {:<7} {:<7} median {:>9.3} ms (min {:.3}, max {:.3}, first {:.0} ms, host {:.3} ms)  {:>7.1} TFLOP/s  {:>5.1}% of 759",
         row.shape,
         row.tokens,
         row.mode,
@@ -278,6 +294,7 @@ fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
         row.ms[0],
         row.ms[row.ms.len() - 1],
         row.first_ms,
+        enqueue,
         tflops,
         tflops / 759.0 * 100.0
     );
@@ -359,6 +376,39 @@ fn time_stages<B: GpuBackend>(args: &Args, device: &B::Device, t: usize) {
     }
 }
 
+/// The `launches` rows: the host's cost per kernel launch, from 1 and from 33 launches of the
+/// router's count kernel (a few microseconds of device work each) before one sync, through
+/// fusion (`launch1`, `launch33`) and on the cube backend under it (`launch1_raw`,
+/// `launch33_raw`). (33-launch row - 1-launch row) / 32 is the cost of a launch when the
+/// device is not the bottleneck.
+fn time_launches<B: GpuBackend>(args: &Args, device: &B::Device, t: usize) {
+    type Inner<R, F> = CubeBackend<R, F, i32, u8>;
+    let sh = args.shape;
+    let uniform = Distribution::Uniform(0.0, sh.e as f64);
+    let ids = Tensor::<B, 2>::random([t, sh.k], uniform, device).int();
+    let raw_device = Default::default();
+    let raw_ids = Tensor::<Inner<B::Runtime, B::Float>, 2>::random([t, sh.k], uniform, &raw_device).int();
+    let (w, r) = (args.warmup, args.reps);
+    for (what, n) in [("launch1", 1), ("launch33", 33)] {
+        let timed =
+            time::<B, _>(device, w, r, || (0..n).map(|_| B::moe_expert_counts(ids.clone(), sh.e)).collect::<Vec<_>>());
+        emit::<B>(
+            args,
+            Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, first_ms: timed.0, ms: timed.1 },
+        );
+        let timed = time::<Inner<B::Runtime, B::Float>, _>(&raw_device, w, r, || {
+            (0..n)
+                .map(|_| <Inner<B::Runtime, B::Float> as MoeBackend>::moe_expert_counts(raw_ids.clone(), sh.e))
+                .collect::<Vec<_>>()
+        });
+        let what = if n == 1 { "launch1_raw" } else { "launch33_raw" };
+        emit::<B>(
+            args,
+            Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, first_ms: timed.0, ms: timed.1 },
+        );
+    }
+}
+
 fn main() {
     let args = parse_args();
     (args.run)(&args);
@@ -432,6 +482,10 @@ fn run<B: GpuBackend>(args: &Args) {
         }
         if wants("stages") && fwd {
             time_stages::<B>(args, &device, t);
+            B::memory_cleanup(&device);
+        }
+        if wants("launches") && fwd {
+            time_launches::<B>(args, &device, t);
             B::memory_cleanup(&device);
         }
         if wants("dense") {

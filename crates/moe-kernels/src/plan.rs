@@ -51,8 +51,10 @@ pub struct DispatchPlan<B: Backend> {
     pub(crate) row_of_pair: Tensor<B, 1, Int>,
     /// `[rows]`: 1 + the token each row reads, 0 for padding.
     pub(crate) source_of_row: Tensor<B, 1, Int>,
-    /// `[E]` on the device: pairs routed to each expert, before drops.
-    pub(crate) counts_device: Tensor<B, 1, Int>,
+    /// `[E + 2]` on the device: pairs routed to each expert, before drops, then the smallest
+    /// and the largest id (what the host read; narrowed on demand, as a slice would launch a
+    /// copy under fusion).
+    pub(crate) summary: Tensor<B, 1, Int>,
     pub(crate) counts: Vec<usize>,
     pub(crate) dropped: usize,
 }
@@ -65,7 +67,7 @@ impl<B: Backend> DispatchPlan<B> {
 
     /// Pairs routed to each expert, before any drop, on the device.
     pub fn counts_device(&self) -> Tensor<B, 1, Int> {
-        self.counts_device.clone()
+        self.summary.clone().narrow(0, 0, self.num_experts)
     }
 
     /// Pairs dropped by the capacity limit.
@@ -121,7 +123,7 @@ impl<B: Backend> DispatchPlan<B> {
             segment_rows: self.segment_rows,
             row_of_pair: f(self.row_of_pair),
             source_of_row: f(self.source_of_row),
-            counts_device: f(self.counts_device),
+            summary: f(self.summary),
             counts: self.counts,
             dropped: self.dropped,
         }

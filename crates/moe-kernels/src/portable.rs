@@ -23,22 +23,36 @@ pub fn plan<B: Backend>(
     plan_with_kernels(expert_ids, priority, num_experts, limit, layout, None)
 }
 
+/// [`PlanKernels::scan`]'s signature.
+pub type ScanKernel<B> = fn(Tensor<B, 2, Int>, usize) -> (Tensor<B, 1, Int>, Tensor<B, 1, Int>);
+/// [`PlanKernels::place`]'s signature.
+pub type PlaceKernel<B> = fn(
+    Tensor<B, 2, Int>,
+    Tensor<B, 1, Int>,
+    Tensor<B, 1, Int>,
+    usize,
+    usize,
+    bool,
+) -> (Tensor<B, 1, Int>, Tensor<B, 1, Int>);
+
 /// Kernels a backend may hand to [`plan_with_kernels`] in place of the portable ops (burn 0.21's
 /// 1-D `scatter` runs on one GPU thread, and its sort on the host).
 #[derive(Debug, Clone, Copy)]
 pub struct PlanKernels<B: Backend> {
-    /// Ranks pairs inside their expert in token order: `rank(ids [N], E)[i]` = how many pairs
-    /// before `i` chose expert `ids[i]` (ids all in `0..E`).
-    pub rank: fn(Tensor<B, 1, Int>, usize) -> Tensor<B, 1, Int>,
-    /// Pairs per expert: `count(ids [T, K], E)` `[E]` (ids all in `0..E`).
-    pub count: fn(Tensor<B, 2, Int>, usize) -> Tensor<B, 1, Int>,
-    /// `place(row_of_pair [T, K], rows)[r]` = 1 + the token of the pair placed at row `r`,
-    /// 0 for a row no pair fills (padding); pairs at rows `>= rows` (dropped) are skipped.
-    pub place: fn(Tensor<B, 2, Int>, usize) -> Tensor<B, 1, Int>,
+    /// `scan(ids [T, K], E)` = (`ranks` `[T K]`, `summary` `[E + 2]`): `ranks[i]` = how many
+    /// pairs before `i` chose expert `ids[i]` (the token order inside the expert, for ids in
+    /// `0..E`); `summary` = the pairs of each expert in `0..E`, then the smallest and the
+    /// largest id.
+    pub scan: ScanKernel<B>,
+    /// `place(ids [T, K], ranks [T K], starts [E], kept, rows, padded)` = (`row_of_pair`
+    /// `[T K]`, `source_of_row` `[rows]`) for ids all in `0..E`: a pair ranked below `kept` goes
+    /// to row `starts[id] + rank`, which reads its token + 1; a dropped pair points at row
+    /// `rows`. With `padded`, rows no pair fills read 0; without, every row gets a pair.
+    pub place: PlaceKernel<B>,
 }
 
-/// [`plan`], with the in-expert ranks of the token-order case (no `priority`), the counts and
-/// the row placement computed by a backend's `kernels` when given.
+/// [`plan`], with the counts, the id range, the in-expert ranks of the token-order case (no
+/// `priority`) and the row placement computed by a backend's `kernels` when given.
 pub fn plan_with_kernels<B: Backend>(
     expert_ids: Tensor<B, 2, Int>,
     priority: Option<Tensor<B, 2>>,
@@ -63,6 +77,8 @@ pub fn plan_with_kernels<B: Backend>(
     }
     if pairs == 0 {
         let zeros = Tensor::<B, 1, Int>::zeros([num_experts], &device);
+        // No id: the summary's range is (0, 0).
+        let summary = Tensor::<B, 1, Int>::zeros([num_experts + 2], &device);
         return Ok(DispatchPlan {
             tokens,
             top_k,
@@ -71,23 +87,30 @@ pub fn plan_with_kernels<B: Backend>(
             layout,
             segment_rows: vec![if layout == DispatchLayout::Padded { 1 } else { 0 }; num_experts],
             row_of_pair: Tensor::zeros([0], &device),
-            source_of_row: if layout == DispatchLayout::Padded { zeros.clone() } else { Tensor::zeros([0], &device) },
-            counts_device: zeros,
+            source_of_row: if layout == DispatchLayout::Padded { zeros } else { Tensor::zeros([0], &device) },
+            summary,
             counts: vec![0; num_experts],
             dropped: 0,
         });
     }
 
-    let flat = expert_ids.reshape([pairs]);
-    // Clamped so that a bad id can never index out of bounds before it is reported.
-    let clamped = flat.clone().clamp(0, num_experts as i64 - 1);
-    let counts_device = match &kernels {
-        Some(k) => (k.count)(clamped.clone().reshape([tokens, top_k]), num_experts),
-        None => moe_router::count_experts(clamped.clone().reshape([tokens, top_k]), num_experts),
+    let flat = expert_ids.clone().reshape([pairs]);
+    // The summary: pairs per expert, then the smallest and the largest id; and the kernels'
+    // token-order ranks. Reading the summary is the one host sync: the counts size the layout,
+    // the id range validates the ids.
+    let (summary, scanned_ranks) = match &kernels {
+        Some(k) => {
+            let (ranks, summary) = (k.scan)(expert_ids.clone(), num_experts);
+            (summary, Some(ranks))
+        }
+        None => {
+            // Clamped so that a bad id can never index out of bounds before it is reported.
+            let clamped = flat.clone().clamp(0, num_experts as i64 - 1);
+            let counts = moe_router::count_experts(clamped.reshape([tokens, top_k]), num_experts);
+            (Tensor::cat(vec![counts, flat.clone().min(), flat.clone().max()], 0), None)
+        }
     };
-    // The one host sync: counts size the layout; min/max validate the ids on the way.
-    let host: Vec<i64> =
-        Tensor::cat(vec![counts_device.clone(), flat.clone().min(), flat.max()], 0).into_data().iter::<i64>().collect();
+    let host: Vec<i64> = summary.clone().into_data().iter::<i64>().collect();
     let (min_id, max_id) = (host[num_experts], host[num_experts + 1]);
     if min_id < 0 {
         return Err(KernelError::ExpertIdOutOfRange { id: min_id, num_experts });
@@ -95,6 +118,7 @@ pub fn plan_with_kernels<B: Backend>(
     if max_id >= num_experts as i64 {
         return Err(KernelError::ExpertIdOutOfRange { id: max_id, num_experts });
     }
+    // Every id is in `0..E` from here on.
     let counts: Vec<usize> = host[..num_experts].iter().map(|&c| c as usize).collect();
     let largest = counts.iter().copied().max().unwrap_or(0);
     let kept_per_expert = limit.rows_per_expert(pairs, num_experts).map_or(largest, |l| l.min(largest));
@@ -105,18 +129,19 @@ pub fn plan_with_kernels<B: Backend>(
     let pair_index = || Tensor::<B, 1, Int>::arange(0..pairs as i64, &device);
     // Inside an expert, pairs keep token order unless a priority says otherwise. Sort keys
     // are unique (expert * N + order), so the unstable sort is deterministic.
-    let rank = match (priority, &kernels) {
-        (None, Some(k)) => (k.rank)(clamped.clone(), num_experts),
+    let rank = match (priority, scanned_ranks) {
+        (None, Some(ranks)) => ranks,
         (priority, _) => {
             let order = match priority {
                 None => pair_index(),
                 // Position of each pair in descending priority.
                 Some(p) => inverse_scatter(p.reshape([pairs]).argsort_descending(0), pair_index(), pairs),
             };
-            let key = clamped.clone().mul_scalar(pairs as i64).add(order);
+            let key = flat.clone().mul_scalar(pairs as i64).add(order);
             let sorted = key.argsort(0);
-            let sorted_expert = clamped.clone().select(0, sorted.clone());
-            let segment_start = counts_device.clone().cumsum(0).sub(counts_device.clone());
+            let sorted_expert = flat.clone().select(0, sorted.clone());
+            let counts_device = summary.clone().narrow(0, 0, num_experts);
+            let segment_start = counts_device.clone().cumsum(0).sub(counts_device);
             let rank_sorted = pair_index().sub(segment_start.select(0, sorted_expert));
             inverse_scatter(sorted, rank_sorted, pairs)
         }
@@ -130,16 +155,20 @@ pub fn plan_with_kernels<B: Backend>(
         segment_rows.iter().scan(0i64, |next, &n| Some(std::mem::replace(next, *next + n as i64))).collect();
     let total_rows: usize = segment_rows.iter().sum();
     let start_of_expert = Tensor::<B, 1, Int>::from_ints(starts.as_slice(), &device);
-    let kept = rank.clone().lower_elem(kept_per_expert as i64);
-    // Dropped pairs point at the zero row after the last segment.
-    let row_of_pair = start_of_expert.select(0, clamped).add(rank).mask_fill(kept.bool_not(), total_rows as i64);
-    let source_of_row = match &kernels {
-        Some(k) => (k.place)(row_of_pair.clone().reshape([tokens, top_k]), total_rows),
+    let (row_of_pair, source_of_row) = match &kernels {
+        Some(k) => {
+            let padded = layout == DispatchLayout::Padded;
+            (k.place)(expert_ids, rank, start_of_expert, kept_per_expert, total_rows, padded)
+        }
         None => {
+            let kept = rank.clone().lower_elem(kept_per_expert as i64);
+            // Dropped pairs point at the zero row after the last segment.
+            let row_of_pair = start_of_expert.select(0, flat).add(rank).mask_fill(kept.bool_not(), total_rows as i64);
             let token_plus_one = pair_index().div_scalar(top_k as i64).add_scalar(1);
-            Tensor::<B, 1, Int>::zeros([total_rows + 1], &device)
+            let source_of_row = Tensor::<B, 1, Int>::zeros([total_rows + 1], &device)
                 .scatter(0, row_of_pair.clone(), token_plus_one, IndexingUpdateOp::Add)
-                .narrow(0, 0, total_rows)
+                .narrow(0, 0, total_rows);
+            (row_of_pair, source_of_row)
         }
     };
 
@@ -152,7 +181,7 @@ pub fn plan_with_kernels<B: Backend>(
         segment_rows,
         row_of_pair,
         source_of_row,
-        counts_device,
+        summary,
         counts,
         dropped,
     })

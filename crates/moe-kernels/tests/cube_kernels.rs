@@ -143,43 +143,91 @@ fn run_all<R: CubeRuntime>(device: &R::Device, dtypes: &[(DType, f64)]) {
     }
 }
 
-/// The dispatch plan's in-expert ranks and per-expert counts against a host count, on id
-/// lists longer than one scan block (1024), with empty experts and a single expert.
-fn check_ranks<R: CubeRuntime>(device: &R::Device) {
+/// The dispatch plan's kernels against a host count, on id lists longer than one scan block
+/// (1024), with empty experts and a single expert: the scan's in-expert ranks, per-expert
+/// counts and id range, and the rows placed from them (packed and padded segments), with and
+/// without a per-expert limit.
+/// One list holds ids outside `0..E`, which the range must show and the counts skip.
+fn check_plan_kernels<R: CubeRuntime>(device: &R::Device) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    println!("rank seed {seed}");
+    println!("plan seed {seed}");
     let mut rng = Lcg(seed);
-    for (pairs, experts, used) in [(1usize, 1usize, 1usize), (3000, 64, 60), (5000, 256, 7), (1024, 4, 1)] {
-        let ids: Vec<i32> =
-            (0..pairs).map(|_| ((rng.normal_ish() + 2.0).abs() * 1000.0) as i32 % used as i32).collect();
+    let ints = |t: burn::tensor::ops::IntTensor<Backend<R>>| -> Vec<i64> {
+        Tensor::<Backend<R>, 1, Int>::from_primitive(t).into_data().iter::<i64>().collect()
+    };
+    for (tokens, top_k, experts, used, kept) in
+        [(1usize, 1usize, 1usize, 1i32, 1usize), (1000, 3, 64, 60, 40), (1250, 4, 256, 7, 5000), (512, 2, 4, 1, 300)]
+    {
+        let pairs = tokens * top_k;
+        let ids: Vec<i32> = (0..pairs).map(|_| ((rng.normal_ish() + 2.0).abs() * 1000.0) as i32 % used).collect();
         let mut seen = vec![0i64; experts];
-        let expected: Vec<i64> = ids
+        let ranks: Vec<i64> = ids
             .iter()
             .map(|&e| {
                 seen[e as usize] += 1;
                 seen[e as usize] - 1
             })
             .collect();
-        let t = Tensor::<Backend<R>, 1, Int>::from_data(TensorData::new(ids, [pairs]), device);
-        let rank = Backend::<R>::rank_in_expert(t.clone().into_primitive(), experts);
-        let got: Vec<i64> = Tensor::<Backend<R>, 1, Int>::from_primitive(rank).into_data().iter::<i64>().collect();
-        assert_eq!(got, expected, "{pairs} pairs over {experts} experts");
-        let counts = Backend::<R>::count_experts(t.into_primitive(), experts);
-        let got: Vec<i64> = Tensor::<Backend<R>, 1, Int>::from_primitive(counts).into_data().iter::<i64>().collect();
-        assert_eq!(got, seen, "counts of {pairs} pairs over {experts} experts");
+        let t = Tensor::<Backend<R>, 2, Int>::from_data(TensorData::new(ids.clone(), [tokens, top_k]), device);
+        let (got_ranks, summary) = Backend::<R>::scan_experts(t.clone().into_primitive(), experts);
+        assert_eq!(ints(got_ranks.clone()), ranks, "ranks of {pairs} pairs over {experts} experts");
+        let mut expected = seen.clone();
+        expected.extend([i64::from(*ids.iter().min().unwrap()), i64::from(*ids.iter().max().unwrap())]);
+        assert_eq!(ints(summary), expected, "counts and id range of {pairs} pairs over {experts} experts");
+        let counts = Backend::<R>::count_experts(t.clone().into_primitive(), experts);
+        assert_eq!(ints(counts), seen, "router counts of {pairs} pairs over {experts} experts");
+
+        // Segments of min(count, kept) rows back to back, or each padded to the largest (rows
+        // no pair fills read 0); later pairs of a full expert drop.
+        let kept_rows: Vec<usize> = seen.iter().map(|&c| (c as usize).min(kept)).collect();
+        let largest = kept_rows.iter().copied().max().unwrap_or(0);
+        for padded in [false, true] {
+            let segment = if padded { vec![largest; experts] } else { kept_rows.clone() };
+            let starts: Vec<i64> =
+                segment.iter().scan(0i64, |next, &n| Some(std::mem::replace(next, *next + n as i64))).collect();
+            let rows: usize = segment.iter().sum();
+            let mut source = vec![0i64; rows];
+            let row_of_pair: Vec<i64> = (0..pairs)
+                .map(|p| {
+                    if (ranks[p] as usize) < kept {
+                        let row = starts[ids[p] as usize] + ranks[p];
+                        source[row as usize] = (p / top_k + 1) as i64;
+                        row
+                    } else {
+                        rows as i64
+                    }
+                })
+                .collect();
+            let starts_t = Tensor::<Backend<R>, 1, Int>::from_ints(starts.as_slice(), device);
+            let (got_rows, got_source) = Backend::<R>::place_rows(
+                t.clone().into_primitive(),
+                got_ranks.clone(),
+                starts_t.into_primitive(),
+                kept,
+                rows,
+                padded,
+            );
+            let what = format!("{pairs} pairs, {kept} kept per expert, padded {padded}");
+            assert_eq!(ints(got_rows), row_of_pair, "row of each pair, {what}");
+            assert_eq!(ints(got_source), source, "source of each row, {what}");
+        }
     }
+    // Ids outside `0..E`: counted nowhere, and the range reports them.
+    let t = Tensor::<Backend<R>, 2, Int>::from_data(TensorData::new(vec![2, -3, 0, 9, 2, 1], [3, 2]), device);
+    let (_, summary) = Backend::<R>::scan_experts(t.into_primitive(), 4);
+    assert_eq!(ints(summary), vec![1, 1, 2, 0, -3, 9], "counts and range with ids outside 0..4");
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
-fn ranks_match_the_host_count_on_wgpu() {
-    check_ranks::<cubecl::wgpu::WgpuRuntime>(&Default::default());
+fn plan_kernels_match_the_host_count_on_wgpu() {
+    check_plan_kernels::<cubecl::wgpu::WgpuRuntime>(&Default::default());
 }
 
 #[cfg(feature = "cuda")]
 #[test]
-fn ranks_match_the_host_count_on_cuda() {
-    check_ranks::<cubecl::cuda::CudaRuntime>(&Default::default());
+fn plan_kernels_match_the_host_count_on_cuda() {
+    check_plan_kernels::<cubecl::cuda::CudaRuntime>(&Default::default());
 }
 
 #[cfg(feature = "wgpu")]
@@ -239,6 +287,53 @@ fn dense_product_matches_the_host_loop_on_cuda() {
     // f32 takes burn's matmul, which runs on TF32 tensor cores there (3e-4 on the H200).
     for (dtype, tolerance) in [(DType::F32, 2e-3), (DType::BF16, 1e-2)] {
         check_dense_product::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
+    }
+}
+
+/// The combine kernel (`out[t] = sum_k w[t, k] rows[row of (t, k)]`) against the float64 host
+/// sum, with rows in `dtype` and the router's f32 weights (read as they are, no cast), a width
+/// that allows 16-byte vectors and one that does not, and dropped pairs (rows past the end).
+fn check_combine<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("combine seed {seed}");
+    let mut rng = Lcg(seed);
+    let (tokens, top_k, rows) = (300usize, 3usize, 700usize);
+    for d in [64usize, 36] {
+        let (x, xh) = upload::<R, 2>(rng.values(rows * d), [rows, d], dtype, device);
+        let (w, wh) = upload::<R, 2>(rng.values(tokens * top_k), [tokens, top_k], DType::F32, device);
+        // Pair p reads row (7 p) mod (rows + 40): about one pair in 19 points past the end.
+        let row_of_pair: Vec<i32> = (0..tokens * top_k).map(|p| ((7 * p) % (rows + 40)) as i32).collect();
+        let mut expected = vec![0.0f64; tokens * d];
+        for (p, &r) in row_of_pair.iter().enumerate() {
+            if (r as usize) < rows {
+                for j in 0..d {
+                    expected[(p / top_k) * d + j] += wh[p] * xh[r as usize * d + j];
+                }
+            }
+        }
+        let index = Tensor::<Backend<R>, 1, Int>::from_data(TensorData::new(row_of_pair, [tokens * top_k]), device);
+        let out = Backend::<R>::combine_rows(x, index.into_primitive(), w);
+        check(
+            &format!("combine ({dtype:?} rows, f32 weights, width {d})"),
+            &download::<R, 2>(out),
+            &expected,
+            tolerance,
+        );
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn combine_matches_the_host_sum_on_wgpu() {
+    check_combine::<cubecl::wgpu::WgpuRuntime>(&Default::default(), DType::F32, 1e-6);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn combine_matches_the_host_sum_on_cuda() {
+    // bf16 outputs are rounded once (8 bits of mantissa).
+    for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+        check_combine::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
     }
 }
 

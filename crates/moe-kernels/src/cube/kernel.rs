@@ -414,54 +414,140 @@ fn write_output<F: Float>(
 pub(crate) const RANK_UNITS: u32 = 256;
 const RANK_ITEMS: usize = 4;
 
-/// `rank[i]` = how many pairs before `i` chose the same expert as pair `i` (their order inside
-/// the expert's segment). One cube per expert scans all `ids` in order, a block of
+/// The plan's scan of `ids` (contiguous, `summary.len() - 2` experts). Cube `e` ranks expert
+/// `e`'s pairs: `rank[i]` = how many pairs before `i` chose the same expert (the order inside
+/// its segment), and `summary[e]` = its pairs. It scans all `ids` in order, a block of
 /// `RANK_UNITS * RANK_ITEMS` at a time, with a shared-memory prefix sum: deterministic, and no
-/// sort (burn 0.21 sorts on the host).
+/// sort (burn 0.21 sorts on the host). The last cube writes the smallest and the largest id
+/// to `summary[E]` and `summary[E + 1]`, so one host read of `summary` sizes the layout and
+/// validates the ids.
 #[cube(launch)]
-pub(crate) fn rank_in_expert<I: Int>(ids: &Tensor<I>, rank: &mut Tensor<I>, #[define(I)] _dtype: StorageType) {
-    let expert = I::cast_from(CUBE_POS_X);
-    let n = ids.shape(0);
+pub(crate) fn scan_experts<I: Int>(
+    ids: &Tensor<I>,
+    rank: &mut Tensor<I>,
+    summary: &mut Tensor<I>,
+    #[define(I)] _dtype: StorageType,
+) {
+    let experts = summary.len() - 2;
+    if CUBE_POS_X as usize == experts {
+        id_range(ids, summary, experts);
+    } else {
+        let expert = I::cast_from(CUBE_POS_X);
+        let n = ids.len();
+        let unit = UNIT_POS as usize;
+        let units = RANK_UNITS as usize;
+        let mut scan = SharedMemory::<u32>::new(RANK_UNITS as usize);
+        let mut count = 0u32;
+        let mut base = 0usize;
+        while base < n {
+            let first = base + unit * RANK_ITEMS;
+            let mut hits = 0u32;
+            for j in 0..RANK_ITEMS {
+                let i = first + j;
+                if i < n && ids[i] == expert {
+                    hits += 1;
+                }
+            }
+            scan[unit] = hits;
+            sync_cube();
+            // Inclusive Hillis-Steele scan over the units' hit counts.
+            let mut offset = 1usize;
+            while offset < units {
+                let mut add = 0u32;
+                if unit >= offset {
+                    add = scan[unit - offset];
+                }
+                sync_cube();
+                scan[unit] += add;
+                sync_cube();
+                offset *= 2;
+            }
+            let mut next = count + scan[unit] - hits;
+            for j in 0..RANK_ITEMS {
+                let i = first + j;
+                if i < n && ids[i] == expert {
+                    rank[i] = I::cast_from(next);
+                    next += 1;
+                }
+            }
+            count += scan[units - 1];
+            sync_cube();
+            base += units * RANK_ITEMS;
+        }
+        if unit == 0 {
+            summary[CUBE_POS_X as usize] = I::cast_from(count);
+        }
+    }
+}
+
+/// `summary[experts]` = min of `ids`, `summary[experts + 1]` = max (`ids` non-empty): each
+/// unit a strided share, then a tree in shared memory.
+#[cube]
+fn id_range<I: Int>(ids: &Tensor<I>, summary: &mut Tensor<I>, experts: usize) {
     let unit = UNIT_POS as usize;
     let units = RANK_UNITS as usize;
-    let mut scan = SharedMemory::<u32>::new(RANK_UNITS as usize);
-    let mut count = 0u32;
-    let mut base = 0usize;
-    while base < n {
-        let first = base + unit * RANK_ITEMS;
-        let mut hits = 0u32;
-        for j in 0..RANK_ITEMS {
-            let i = first + j;
-            if i < n && ids[i] == expert {
-                hits += 1;
-            }
+    let mut low = ids[0];
+    let mut high = ids[0];
+    let mut i = unit;
+    while i < ids.len() {
+        let id = ids[i];
+        if id < low {
+            low = id;
         }
-        scan[unit] = hits;
-        sync_cube();
-        // Inclusive Hillis-Steele scan over the units' hit counts.
-        let mut offset = 1usize;
-        while offset < units {
-            let mut add = 0u32;
-            if unit >= offset {
-                add = scan[unit - offset];
-            }
-            sync_cube();
-            scan[unit] += add;
-            sync_cube();
-            offset *= 2;
+        if id > high {
+            high = id;
         }
-        let mut next = count + scan[unit] - hits;
-        for j in 0..RANK_ITEMS {
-            let i = first + j;
-            if i < n && ids[i] == expert {
-                rank[i] = I::cast_from(next);
-                next += 1;
-            }
-        }
-        count += scan[units - 1];
-        sync_cube();
-        base += units * RANK_ITEMS;
+        i += units;
     }
+    let mut lows = SharedMemory::<I>::new(RANK_UNITS as usize);
+    let mut highs = SharedMemory::<I>::new(RANK_UNITS as usize);
+    lows[unit] = low;
+    highs[unit] = high;
+    sync_cube();
+    let mut stride = 1usize;
+    while stride < units {
+        if unit & (2 * stride - 1) == 0 {
+            if lows[unit + stride] < lows[unit] {
+                lows[unit] = lows[unit + stride];
+            }
+            if highs[unit + stride] > highs[unit] {
+                highs[unit] = highs[unit + stride];
+            }
+        }
+        sync_cube();
+        stride *= 2;
+    }
+    if unit == 0 {
+        summary[experts] = lows[0];
+        summary[experts + 1] = highs[0];
+    }
+}
+
+/// The plan's rows, one unit per pair `p` of `ids` `[T, K]` (ids all in range): a pair ranked
+/// below `kept` in its expert goes to row `start[ids[p]] + rank[p]`, and that row reads token
+/// `p / K` (`source_of_row` holds token + 1, so rows no pair fills keep the 0 of padding); a
+/// dropped pair points at row `source_of_row.len()`, the zero row after the last segment.
+#[cube(launch)]
+pub(crate) fn place_rows<I: Int>(
+    ids: &Tensor<I>,
+    rank: &Tensor<I>,
+    start: &Tensor<I>,
+    row_of_pair: &mut Tensor<I>,
+    source_of_row: &mut Tensor<I>,
+    kept: u32,
+    #[define(I)] _dtype: StorageType,
+) {
+    let p = ABSOLUTE_POS;
+    if p >= row_of_pair.len() {
+        terminate!();
+    }
+    let r = u32::cast_from(rank[p]);
+    let mut row = source_of_row.len();
+    if r < kept {
+        row = usize::cast_from(start[usize::cast_from(ids[p])]) + r as usize;
+        source_of_row[row] = I::cast_from(p / ids.shape(1) + 1);
+    }
+    row_of_pair[p] = I::cast_from(row);
 }
 
 /// Units per cube of the row kernels (one output element each).
@@ -496,14 +582,14 @@ pub(crate) fn gather_rows<F: Float, I: Int, N: Size>(
 /// `out[t] = sum_k weights[t, k] * rows[row_of_pair[t K + k]]`, skipping dropped pairs (rows
 /// past the end), accumulated in f32: the combine as a gather, so no atomics and a fixed
 /// summation order. With unit weights it is the permute's backward. Vectors of `N` as in
-/// [`gather_rows`].
+/// [`gather_rows`]; the weights may be of another float type (the router's f32).
 #[cube(launch)]
-pub(crate) fn combine_rows<F: Float, I: Int, N: Size>(
+pub(crate) fn combine_rows<F: Float, I: Int, W: Float, N: Size>(
     rows: &Tensor<Vector<F, N>>,
     row_of_pair: &Tensor<I>,
-    weights: &Tensor<F>,
+    weights: &Tensor<W>,
     out: &mut Tensor<Vector<F, N>>,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F, I, W)] _dtypes: [StorageType; 3],
 ) {
     let idx = ABSOLUTE_POS;
     if idx >= out.len() {

@@ -14,7 +14,7 @@ mod pipelined;
 mod select;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata, backend::Backend};
+use burn::tensor::{DType, Int, Shape, Tensor, backend::Backend};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
@@ -27,7 +27,7 @@ use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use kernel::{
     COUNT_UNITS, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, Tiling, combine_rows, count_experts, gather_rows,
-    grouped_gemm, place_pairs, rank_in_expert,
+    grouped_gemm, place_pairs, place_rows, scan_experts,
 };
 
 use moe_router::Selection;
@@ -51,25 +51,32 @@ pub trait MoeCubeKernels: Backend {
         segment_rows: &[usize],
     ) -> FloatTensor<Self>;
 
-    /// See [`crate::portable::PlanKernels::rank`]: `ids` `[N]`, every id in `0..num_experts`.
-    fn rank_in_expert(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
+    /// See [`crate::portable::PlanKernels::scan`]: `ids` `[T, K]`; (`[T K]`, `[num_experts + 2]`).
+    fn scan_experts(ids: IntTensor<Self>, num_experts: usize) -> (IntTensor<Self>, IntTensor<Self>);
 
-    /// See [`crate::portable::PlanKernels::count`]: `ids` any shape, every id in
-    /// `0..num_experts`; `[num_experts]`.
+    /// See [`crate::portable::PlanKernels::place`]: (`[T K]`, `[rows]`).
+    fn place_rows(
+        ids: IntTensor<Self>,
+        ranks: IntTensor<Self>,
+        starts: IntTensor<Self>,
+        kept: usize,
+        rows: usize,
+        padded: bool,
+    ) -> (IntTensor<Self>, IntTensor<Self>);
+
+    /// The router's pairs per expert, `[num_experts]`: `ids` any shape, every id in
+    /// `0..num_experts`.
     fn count_experts(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
 
     /// `[rows]`: the value (`values` `[T, K]`) of the pair at each row of `row_of_pair` `[T, K]`,
     /// 0 for a row no pair fills; pairs at rows `>= rows` (dropped) are skipped.
-    fn place_int(row_of_pair: IntTensor<Self>, values: IntTensor<Self>, rows: usize) -> IntTensor<Self>;
-
-    /// [`MoeCubeKernels::place_int`] for float values.
     fn place_float(row_of_pair: IntTensor<Self>, values: FloatTensor<Self>, rows: usize) -> FloatTensor<Self>;
 
     /// `out[r] = x[source[r] - 1]` (`[rows, d]`), a zero row where `source[r]` is 0.
     fn gather_rows(x: FloatTensor<Self>, source: IntTensor<Self>) -> FloatTensor<Self>;
 
     /// `out[t] = sum_k weights[t, k] rows[row_of_pair[t K + k]]` (`[T, d]`), dropped pairs
-    /// (rows past the end) skipped; `weights` in the rows' dtype.
+    /// (rows past the end) skipped; `weights` in any float dtype.
     fn combine_rows(
         rows: FloatTensor<Self>,
         row_of_pair: IntTensor<Self>,
@@ -93,29 +100,73 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         launch_weight_grad(rows, grad, segment_rows, use_tensor_cores)
     }
 
-    fn rank_in_expert(ids: CubeTensor<R>, num_experts: usize) -> CubeTensor<R> {
+    fn scan_experts(ids: CubeTensor<R>, num_experts: usize) -> (CubeTensor<R>, CubeTensor<R>) {
         let ids = into_contiguous(ids);
-        let out = empty_device_contiguous_dtype(ids.client.clone(), ids.device.clone(), ids.shape(), ids.dtype);
-        if num_experts == 0 || ids.meta.shape()[0] == 0 {
-            return out;
+        let pairs = ids.meta.num_elements();
+        let (client, device) = (ids.client.clone(), ids.device.clone());
+        let ranks = empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([pairs]), ids.dtype);
+        let summary_shape = Shape::new([num_experts + 2]);
+        if pairs == 0 {
+            return (ranks, zeros_client(client, device, summary_shape, ids.dtype));
         }
-        rank_in_expert::launch(
+        // Every slot of the summary is written by one cube: no zero fill.
+        let summary = empty_device_contiguous_dtype(client, device, summary_shape, ids.dtype);
+        scan_experts::launch(
             &ids.client,
-            CubeCount::Static(num_experts as u32, 1, 1),
+            CubeCount::Static(num_experts as u32 + 1, 1, 1),
             CubeDim::new_1d(RANK_UNITS),
             ids.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            ranks.clone().into_tensor_arg(),
+            summary.clone().into_tensor_arg(),
             ids.dtype.into(),
         );
-        out
+        (ranks, summary)
+    }
+
+    fn place_rows(
+        ids: CubeTensor<R>,
+        ranks: CubeTensor<R>,
+        starts: CubeTensor<R>,
+        kept: usize,
+        rows: usize,
+        padded: bool,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let [ids, ranks, starts] = [ids, ranks, starts].map(into_contiguous);
+        let pairs = ids.meta.num_elements();
+        let (client, device) = (ids.client.clone(), ids.device.clone());
+        let row_of_pair = empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([pairs]), ids.dtype);
+        // Only padding rows are left for the zero fill to set.
+        let source_of_row = if padded {
+            zeros_client(client, device, Shape::new([rows]), ids.dtype)
+        } else {
+            empty_device_contiguous_dtype(client, device, Shape::new([rows]), ids.dtype)
+        };
+        if pairs > 0 {
+            place_rows::launch(
+                &ids.client,
+                row_cubes(pairs),
+                CubeDim::new_1d(ROW_UNITS),
+                ids.clone().into_tensor_arg(),
+                ranks.into_tensor_arg(),
+                starts.into_tensor_arg(),
+                row_of_pair.clone().into_tensor_arg(),
+                source_of_row.clone().into_tensor_arg(),
+                // A limit past u32 keeps every pair, as `kept` does.
+                kept.min(u32::MAX as usize) as u32,
+                ids.dtype.into(),
+            );
+        }
+        (row_of_pair, source_of_row)
     }
 
     fn count_experts(ids: CubeTensor<R>, num_experts: usize) -> CubeTensor<R> {
         let ids = into_contiguous(ids);
-        let out = zeros_client(ids.client.clone(), ids.device.clone(), Shape::new([num_experts]), ids.dtype);
+        let (client, device, shape) = (ids.client.clone(), ids.device.clone(), Shape::new([num_experts]));
         if num_experts == 0 || ids.meta.num_elements() == 0 {
-            return out;
+            return zeros_client(client, device, shape, ids.dtype);
         }
+        // Each expert's cube writes its slot: no zero fill (a launch saved).
+        let out = empty_device_contiguous_dtype(client, device, shape, ids.dtype);
         count_experts::launch(
             &ids.client,
             CubeCount::Static(num_experts as u32, 1, 1),
@@ -127,12 +178,24 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         out
     }
 
-    fn place_int(row_of_pair: CubeTensor<R>, values: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
-        launch_place(row_of_pair, values, rows)
-    }
-
     fn place_float(row_of_pair: CubeTensor<R>, values: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
-        launch_place(row_of_pair, values, rows)
+        let row_of_pair = into_contiguous(row_of_pair);
+        let out = zeros_client(values.client.clone(), values.device.clone(), Shape::new([rows]), values.dtype);
+        let pairs = row_of_pair.meta.num_elements();
+        if rows == 0 || pairs == 0 {
+            return out;
+        }
+        let dtypes = [values.dtype.into(), row_of_pair.dtype.into()];
+        place_pairs::launch(
+            &row_of_pair.client,
+            row_cubes(pairs),
+            CubeDim::new_1d(ROW_UNITS),
+            row_of_pair.clone().into_tensor_arg(),
+            values.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            dtypes,
+        );
+        out
     }
 
     fn gather_rows(x: CubeTensor<R>, source: CubeTensor<R>) -> CubeTensor<R> {
@@ -166,7 +229,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
             return out;
         }
         let row_of_pair = into_contiguous(row_of_pair);
-        let dtypes = [rows.dtype.into(), row_of_pair.dtype.into()];
+        let dtypes = [rows.dtype.into(), row_of_pair.dtype.into(), weights.dtype.into()];
         let vector = row_vector_size(&[&rows, &out]);
         combine_rows::launch(
             &rows.client,
@@ -189,27 +252,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
     fn tensor_cores(dtype: DType, device: &R::Device) -> bool {
         tensor_cores_for(&R::client(device), dtype)
     }
-}
-
-/// [`place_pairs`]: `[rows]` in `values`' dtype.
-fn launch_place<R: CubeRuntime>(row_of_pair: CubeTensor<R>, values: CubeTensor<R>, rows: usize) -> CubeTensor<R> {
-    let row_of_pair = into_contiguous(row_of_pair);
-    let out = zeros_client(values.client.clone(), values.device.clone(), Shape::new([rows]), values.dtype);
-    let pairs = row_of_pair.meta.num_elements();
-    if rows == 0 || pairs == 0 {
-        return out;
-    }
-    let dtypes = [values.dtype.into(), row_of_pair.dtype.into()];
-    place_pairs::launch(
-        &row_of_pair.client,
-        row_cubes(pairs),
-        CubeDim::new_1d(ROW_UNITS),
-        row_of_pair.clone().into_tensor_arg(),
-        values.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        dtypes,
-    );
-    out
 }
 
 /// Elements per vector of the row kernels over `[rows, width]` tensors: the most (up to 16
@@ -242,14 +284,14 @@ fn row_cubes(elements: usize) -> CubeCount {
 /// The plan's kernels on tensors, as [`portable::plan_with_kernels`] takes them.
 fn plan_kernels<B: MoeCubeKernels>() -> portable::PlanKernels<B> {
     portable::PlanKernels {
-        rank: |ids, experts| Tensor::from_primitive(B::rank_in_expert(ids.into_primitive(), experts)),
-        count: |ids, experts| Tensor::from_primitive(B::count_experts(ids.into_primitive(), experts)),
-        place: |row_of_pair, rows| {
-            let [tokens, top_k] = row_of_pair.dims();
-            let token_plus_one = Tensor::<B, 1, Int>::arange(1..tokens as i64 + 1, &row_of_pair.device())
-                .reshape([tokens, 1])
-                .expand([tokens, top_k]);
-            Tensor::from_primitive(B::place_int(row_of_pair.into_primitive(), token_plus_one.into_primitive(), rows))
+        scan: |ids, experts| {
+            let (ranks, summary) = B::scan_experts(ids.into_primitive(), experts);
+            (Tensor::from_primitive(ranks), Tensor::from_primitive(summary))
+        },
+        place: |ids, ranks, starts, kept, rows, padded| {
+            let (ids, ranks, starts) = (ids.into_primitive(), ranks.into_primitive(), starts.into_primitive());
+            let (row_of_pair, source_of_row) = B::place_rows(ids, ranks, starts, kept, rows, padded);
+            (Tensor::from_primitive(row_of_pair), Tensor::from_primitive(source_of_row))
         },
     }
 }
@@ -539,7 +581,7 @@ macro_rules! cube_moe_methods {
             if !kernels_enabled() {
                 return portable::combine(rows, weights, plan);
             }
-            let weights = weights.cast(rows.dtype());
+            // The kernel reads the router's f32 weights as they are: no cast launch.
             let row_of_pair = plan.row_of_pair.clone().into_primitive();
             float_tensor(Self::combine_rows(float_primitive(rows), row_of_pair, float_primitive(weights)))
         }
@@ -625,14 +667,17 @@ enum Kernel {
     Gather,
     /// Inputs: rows, row_of_pair (int), weights.
     Combine,
-    /// Inputs: ids (int), over this many experts; the output is int.
-    Rank(usize),
+    /// Inputs: ids (int), over this many experts; two int outputs (ranks, summary).
+    Scan(usize),
     /// Inputs: biased scores (f32); the output is int.
     Select(Selection),
     /// Inputs: ids (int), over this many experts; the output is int.
     Count(usize),
-    /// Inputs: row of each pair (int), values (int or float), into this many rows.
-    Place { rows: usize, float: bool },
+    /// Inputs: row of each pair (int), values (float), into this many rows.
+    Place(usize),
+    /// Inputs: ids, ranks, segment starts (int), keeping `kept` pairs per expert, into `rows`
+    /// rows (`padded`: some are padding); two int outputs (row of each pair, source of each row).
+    PlaceRows { kept: usize, rows: usize, padded: bool },
 }
 
 impl Kernel {
@@ -642,10 +687,11 @@ impl Kernel {
             Self::WeightGrad(_) => "moe_grouped_gemm_weight_grad",
             Self::Gather => "moe_gather_rows",
             Self::Combine => "moe_combine_rows",
-            Self::Rank(_) => "moe_rank_in_expert",
+            Self::Scan(_) => "moe_scan_experts",
             Self::Select(_) => "moe_select_experts",
             Self::Count(_) => "moe_count_experts",
-            Self::Place { .. } => "moe_place_pairs",
+            Self::Place(_) => "moe_place_pairs",
+            Self::PlaceRows { .. } => "moe_place_rows",
         }
     }
 }
@@ -670,10 +716,17 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
             Kernel::WeightGrad(segments) => B::grouped_gemm_weight_grad(float(handles, 0), float(handles, 1), segments),
             Kernel::Gather => B::gather_rows(float(handles, 0), int(handles, 1)),
             Kernel::Combine => B::combine_rows(float(handles, 0), int(handles, 1), float(handles, 2)),
-            Kernel::Place { rows, float: true } => B::place_float(int(handles, 0), float(handles, 1), *rows),
-            Kernel::Rank(experts) => {
-                let ranks = B::rank_in_expert(int(handles, 0), *experts);
-                return handles.register_int_tensor::<B>(&out, ranks);
+            Kernel::Place(rows) => B::place_float(int(handles, 0), float(handles, 1), *rows),
+            Kernel::Scan(experts) => {
+                let (ranks, summary) = B::scan_experts(int(handles, 0), *experts);
+                handles.register_int_tensor::<B>(&out, ranks);
+                return handles.register_int_tensor::<B>(&self.desc.outputs[1].id, summary);
+            }
+            Kernel::PlaceRows { kept, rows, padded } => {
+                let (row_of_pair, source_of_row) =
+                    B::place_rows(int(handles, 0), int(handles, 1), int(handles, 2), *kept, *rows, *padded);
+                handles.register_int_tensor::<B>(&out, row_of_pair);
+                return handles.register_int_tensor::<B>(&self.desc.outputs[1].id, source_of_row);
             }
             Kernel::Select(selection) => {
                 let ids = B::select_experts(float(handles, 0), selection);
@@ -682,10 +735,6 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
             Kernel::Count(experts) => {
                 let counts = B::count_experts(int(handles, 0), *experts);
                 return handles.register_int_tensor::<B>(&out, counts);
-            }
-            Kernel::Place { rows, float: false } => {
-                let placed = B::place_int(int(handles, 0), int(handles, 1), *rows);
-                return handles.register_int_tensor::<B>(&out, placed);
             }
         };
         handles.register_float_tensor::<B>(&out, result);
@@ -700,13 +749,24 @@ fn fused<B: FusionBackend + MoeCubeKernels>(
     shape: Shape,
     dtype: Option<DType>,
 ) -> FusionTensor<B::FusionRuntime> {
+    let dtype = dtype.unwrap_or(inputs[0].dtype);
+    let [out] = fused_outputs::<B, 1>(kernel, inputs, [(shape, dtype)]);
+    out
+}
+
+/// [`fused`] for a kernel with `N` outputs of the given shapes and dtypes.
+fn fused_outputs<B: FusionBackend + MoeCubeKernels, const N: usize>(
+    kernel: Kernel,
+    inputs: Vec<FusionTensor<B::FusionRuntime>>,
+    outputs: [(Shape, DType); N],
+) -> [FusionTensor<B::FusionRuntime>; N] {
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
-    let out = TensorIr::uninit(client.create_empty_handle(), shape, dtype.unwrap_or(inputs[0].dtype));
+    let outs = outputs.map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype));
     let irs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
-    let desc = CustomOpIr::new(kernel.name(), &irs, &[out]);
+    let desc = CustomOpIr::new(kernel.name(), &irs, &outs);
     let op = KernelOp::<B> { desc: desc.clone(), kernel, _backend: std::marker::PhantomData };
-    client.register(streams, OperationIr::Custom(desc), op).output()
+    client.register(streams, OperationIr::Custom(desc), op).outputs()
 }
 
 impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
@@ -724,23 +784,35 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
         fused::<B>(Kernel::WeightGrad(segment_rows.to_vec()), vec![rows, grad], shape, None)
     }
 
-    fn rank_in_expert(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self> {
-        let shape = ids.shape.clone();
-        fused::<B>(Kernel::Rank(num_experts), vec![ids], shape, None)
+    fn scan_experts(ids: IntTensor<Self>, num_experts: usize) -> (IntTensor<Self>, IntTensor<Self>) {
+        let (pairs, dtype) = (ids.shape.num_elements(), ids.dtype);
+        let outputs = [(Shape::new([pairs]), dtype), (Shape::new([num_experts + 2]), dtype)];
+        let [ranks, summary] = fused_outputs::<B, 2>(Kernel::Scan(num_experts), vec![ids], outputs);
+        (ranks, summary)
+    }
+
+    fn place_rows(
+        ids: IntTensor<Self>,
+        ranks: IntTensor<Self>,
+        starts: IntTensor<Self>,
+        kept: usize,
+        rows: usize,
+        padded: bool,
+    ) -> (IntTensor<Self>, IntTensor<Self>) {
+        let (pairs, dtype) = (ids.shape.num_elements(), ids.dtype);
+        let outputs = [(Shape::new([pairs]), dtype), (Shape::new([rows]), dtype)];
+        let kernel = Kernel::PlaceRows { kept, rows, padded };
+        let [row_of_pair, source_of_row] = fused_outputs::<B, 2>(kernel, vec![ids, ranks, starts], outputs);
+        (row_of_pair, source_of_row)
     }
 
     fn count_experts(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self> {
         fused::<B>(Kernel::Count(num_experts), vec![ids], Shape::new([num_experts]), None)
     }
 
-    fn place_int(row_of_pair: IntTensor<Self>, values: IntTensor<Self>, rows: usize) -> IntTensor<Self> {
-        let dtype = Some(values.dtype);
-        fused::<B>(Kernel::Place { rows, float: false }, vec![row_of_pair, values], Shape::new([rows]), dtype)
-    }
-
     fn place_float(row_of_pair: IntTensor<Self>, values: FloatTensor<Self>, rows: usize) -> FloatTensor<Self> {
         let dtype = Some(values.dtype);
-        fused::<B>(Kernel::Place { rows, float: true }, vec![row_of_pair, values], Shape::new([rows]), dtype)
+        fused::<B>(Kernel::Place(rows), vec![row_of_pair, values], Shape::new([rows]), dtype)
     }
 
     fn gather_rows(x: FloatTensor<Self>, source: IntTensor<Self>) -> FloatTensor<Self> {
