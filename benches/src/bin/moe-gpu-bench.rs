@@ -12,7 +12,8 @@
 //! `Backend::sync` (which flushes the fusion queue and waits for the device) before the clock
 //! stops. The row reports the median, min and max, and `enqueue_ms`: the median host time until
 //! the work was handed over, before the sync (burn-fusion may still run queued operations'
-//! host work inside the sync). The device's memory pool is cleaned between
+//! host work inside the sync). With `--batch N` a repetition is N runs back to back before one
+//! sync, reported per run. The device's memory pool is cleaned between
 //! rows. One JSON object per row is appended to `--out` as soon as the row is done, so a later
 //! crash or timeout keeps the rows before it.
 //!
@@ -139,7 +140,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: moe-gpu-bench [--backend {}] --shape dsv3|small --mode fwd|fwdbwd [--tokens 4096,8192,16384] \
-         [--what layer,dense,router,stages,launches,gemm,gemm_wgrad,gemm_down,mm8192] [--warmup 3] [--reps 10] [--out rows.jsonl]",
+         [--what layer,dense,router,stages,launches,gemm,gemm_wgrad,gemm_down,mm8192] [--warmup 3] [--reps 10] [--batch 1] [--out rows.jsonl]",
         BACKENDS.iter().map(|b| b.0).collect::<Vec<_>>().join("|")
     );
     std::process::exit(2)
@@ -181,6 +182,13 @@ fn parse_args() -> Args {
             "--warmup" => args.warmup = value().parse().unwrap_or_else(|_| usage()),
             "--reps" => args.reps = value().parse().unwrap_or_else(|_| usage()),
             "--out" => args.out = Some(value()),
+            "--batch" => {
+                let n: usize = value().parse().unwrap_or_else(|_| usage());
+                if n == 0 {
+                    usage()
+                }
+                BATCH.set(n).expect("--batch given once");
+            }
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -195,6 +203,11 @@ fn parse_args() -> Args {
 /// (before the sync), median: when it is close to the row's time, the host's dispatch, not the
 /// device, sets the pace.
 static ENQUEUE_MS: std::sync::Mutex<f64> = std::sync::Mutex::new(f64::NAN);
+
+/// `--batch N`: each timed repetition runs the work N times back to back before its one sync
+/// and reports the total / N, so the sync's own latency is spread over N runs (PyTorch's script
+/// times one run between CUDA events, which leaves the host's wait for the device out).
+static BATCH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 /// Warmup, then `reps` timed runs of `f`, each ended by a device sync. Returns
 /// (first warmup ms, sorted timed ms), and leaves the median host time before the sync in
@@ -212,14 +225,15 @@ fn time<B: Backend, R>(device: &B::Device, warmup: usize, reps: usize, mut f: im
             first = start.elapsed().as_secs_f64() * 1e3;
         }
     }
+    let batch = *BATCH.get().unwrap_or(&1);
     let mut enqueue = Vec::with_capacity(reps);
     let mut ms: Vec<f64> = (0..reps)
         .map(|_| {
             let start = Instant::now();
-            let kept = f();
-            enqueue.push(start.elapsed().as_secs_f64() * 1e3);
+            let kept: Vec<R> = (0..batch).map(|_| f()).collect();
+            enqueue.push(start.elapsed().as_secs_f64() * 1e3 / batch as f64);
             B::sync(device).expect("device sync");
-            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let ms = start.elapsed().as_secs_f64() * 1e3 / batch as f64;
             drop(kept);
             ms
         })
@@ -267,7 +281,7 @@ fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
     let tflops = if row.flops > 0.0 { row.flops / med / 1e9 } else { f64::NAN };
     let json = format!(
         "{{\"shape\":\"{}\",\"tokens\":{},\"mode\":\"{}\",\"what\":\"{}\",\"median_ms\":{:.4},\"min_ms\":{:.4},\
-         \"max_ms\":{:.4},\"first_ms\":{:.2},\"reps\":{},\"warmup\":{},\"flops\":{:.6e},\"tflops\":{},\"path\":\"{}\",\"dtype\":\"{}\",\"enqueue_ms\":{:.4}}}",
+         \"max_ms\":{:.4},\"first_ms\":{:.2},\"reps\":{},\"warmup\":{},\"flops\":{:.6e},\"tflops\":{},\"path\":\"{}\",\"dtype\":\"{}\",\"enqueue_ms\":{:.4},\"batch\":{}}}",
         row.shape,
         row.tokens,
         row.mode,
@@ -283,6 +297,7 @@ fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
         if moe_kernels::cube::kernels_enabled() { "kernels" } else { "portable" },
         B::DTYPE,
         enqueue,
+        BATCH.get().unwrap_or(&1),
     );
     println!(
         "{:<6} T {:>6} {:<7} {:<7} median {:>9.3} ms (min {:.3}, max {:.3}, first {:.0} ms, host {:.3} ms)  {:>7.1} TFLOP/s  {:>5.1}% of 759",
