@@ -132,9 +132,18 @@ struct Args {
     mode: String,
     tokens: Vec<usize>,
     what: Vec<String>,
+    schedule: Schedule,
+    out: Option<String>,
+}
+
+/// How a row is timed: `warmup` untimed runs, then `reps` timed repetitions of `batch` runs
+/// back to back before one sync each (`--batch N` spreads the sync's own latency over N runs;
+/// PyTorch's script times one run between CUDA events, which leaves the host's wait out).
+#[derive(Clone, Copy)]
+struct Schedule {
     warmup: usize,
     reps: usize,
-    out: Option<String>,
+    batch: usize,
 }
 
 fn usage() -> ! {
@@ -154,8 +163,7 @@ fn parse_args() -> Args {
         mode: "fwd".into(),
         tokens: vec![4096, 8192, 16384],
         what: vec!["layer".into(), "dense".into()],
-        warmup: 3,
-        reps: 10,
+        schedule: Schedule { warmup: 3, reps: 10, batch: 1 },
         out: None,
     };
     while let Some(flag) = it.next() {
@@ -179,69 +187,59 @@ fn parse_args() -> Args {
                 args.tokens = value().split(',').map(|t| t.trim().parse().unwrap_or_else(|_| usage())).collect()
             }
             "--what" => args.what = value().split(',').map(str::to_string).collect(),
-            "--warmup" => args.warmup = value().parse().unwrap_or_else(|_| usage()),
-            "--reps" => args.reps = value().parse().unwrap_or_else(|_| usage()),
+            "--warmup" => args.schedule.warmup = value().parse().unwrap_or_else(|_| usage()),
+            "--reps" => args.schedule.reps = value().parse().unwrap_or_else(|_| usage()),
+            "--batch" => args.schedule.batch = value().parse().unwrap_or_else(|_| usage()),
             "--out" => args.out = Some(value()),
-            "--batch" => {
-                let n: usize = value().parse().unwrap_or_else(|_| usage());
-                if n == 0 {
-                    usage()
-                }
-                BATCH.set(n).expect("--batch given once");
-            }
             "-h" | "--help" => usage(),
             _ => usage(),
         }
     }
-    if args.reps == 0 {
+    if args.schedule.reps == 0 || args.schedule.batch == 0 {
         usage()
     }
     args
 }
 
-/// Host milliseconds of the last `time` call's timed runs until the work was handed over
-/// (before the sync), median: when it is close to the row's time, the host's dispatch, not the
-/// device, sets the pace.
-static ENQUEUE_MS: std::sync::Mutex<f64> = std::sync::Mutex::new(f64::NAN);
+/// What [`time`] measured: the first warmup run, the timed repetitions (sorted), each per run,
+/// and the median host time per run until the work was handed over (before the sync): when it
+/// is close to the row's time, the host's dispatch, not the device, sets the pace.
+struct Timing {
+    first_ms: f64,
+    ms: Vec<f64>,
+    enqueue_ms: f64,
+}
 
-/// `--batch N`: each timed repetition runs the work N times back to back before its one sync
-/// and reports the total / N, so the sync's own latency is spread over N runs (PyTorch's script
-/// times one run between CUDA events, which leaves the host's wait for the device out).
-static BATCH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-
-/// Warmup, then `reps` timed runs of `f`, each ended by a device sync. Returns
-/// (first warmup ms, sorted timed ms), and leaves the median host time before the sync in
-/// [`ENQUEUE_MS`].
+/// Runs `f` on `schedule`, each timed repetition ended by a device sync.
 /// The closure returns what it computed, held until after the sync so that no lazy backend
 /// can skip work whose result is dropped unread.
-fn time<B: Backend, R>(device: &B::Device, warmup: usize, reps: usize, mut f: impl FnMut() -> R) -> (f64, Vec<f64>) {
-    let mut first = f64::NAN;
+fn time<B: Backend, R>(device: &B::Device, schedule: Schedule, mut f: impl FnMut() -> R) -> Timing {
+    let Schedule { warmup, reps, batch } = schedule;
+    let mut first_ms = f64::NAN;
     for i in 0..warmup {
         let start = Instant::now();
         let kept = f();
         B::sync(device).expect("device sync");
         drop(kept);
         if i == 0 {
-            first = start.elapsed().as_secs_f64() * 1e3;
+            first_ms = start.elapsed().as_secs_f64() * 1e3;
         }
     }
-    let batch = *BATCH.get().unwrap_or(&1);
-    let mut enqueue = Vec::with_capacity(reps);
-    let mut ms: Vec<f64> = (0..reps)
+    let per_run = |start: Instant| start.elapsed().as_secs_f64() * 1e3 / batch as f64;
+    let (mut ms, mut enqueue): (Vec<f64>, Vec<f64>) = (0..reps)
         .map(|_| {
             let start = Instant::now();
             let kept: Vec<R> = (0..batch).map(|_| f()).collect();
-            enqueue.push(start.elapsed().as_secs_f64() * 1e3 / batch as f64);
+            let enqueued = per_run(start);
             B::sync(device).expect("device sync");
-            let ms = start.elapsed().as_secs_f64() * 1e3 / batch as f64;
+            let ms = per_run(start);
             drop(kept);
-            ms
+            (ms, enqueued)
         })
-        .collect();
+        .unzip();
     ms.sort_by(f64::total_cmp);
     enqueue.sort_by(f64::total_cmp);
-    *ENQUEUE_MS.lock().expect("timing lock") = median(&enqueue);
-    (first, ms)
+    Timing { first_ms, ms, enqueue_ms: median(&enqueue) }
 }
 
 /// Times forward + backward through `forward` from `x`: the loss is `mean(y^2)` in f32, and
@@ -251,9 +249,9 @@ fn time_fwdbwd<B: Backend, const D: usize>(
     device: &B::Device,
     x: Tensor<Autodiff<B>, D>,
     forward: impl Fn(Tensor<Autodiff<B>, D>) -> Tensor<Autodiff<B>, D>,
-) -> (f64, Vec<f64>) {
+) -> Timing {
     let x = x.require_grad();
-    time::<Autodiff<B>, _>(device, args.warmup, args.reps, || {
+    time::<Autodiff<B>, _>(device, args.schedule, || {
         let grads = forward(x.clone()).cast(FloatDType::F32).powi_scalar(2).mean().backward();
         let _ = x.grad(&grads).expect("input gradient");
         grads
@@ -271,13 +269,12 @@ struct Row<'a> {
     mode: &'a str,
     what: &'a str,
     flops: f64,
-    first_ms: f64,
-    ms: Vec<f64>,
+    timing: Timing,
 }
 
 fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
-    let med = median(&row.ms);
-    let enqueue = *ENQUEUE_MS.lock().expect("timing lock");
+    let Timing { first_ms, ms, enqueue_ms } = &row.timing;
+    let med = median(ms);
     let tflops = if row.flops > 0.0 { row.flops / med / 1e9 } else { f64::NAN };
     let json = format!(
         "{{\"shape\":\"{}\",\"tokens\":{},\"mode\":\"{}\",\"what\":\"{}\",\"median_ms\":{:.4},\"min_ms\":{:.4},\
@@ -287,17 +284,17 @@ fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
         row.mode,
         row.what,
         med,
-        row.ms[0],
-        row.ms[row.ms.len() - 1],
-        row.first_ms,
-        row.ms.len(),
-        args.warmup,
+        ms[0],
+        ms[ms.len() - 1],
+        first_ms,
+        ms.len(),
+        args.schedule.warmup,
         row.flops,
         if tflops.is_finite() { format!("{tflops:.2}") } else { "null".into() },
         if moe_kernels::cube::kernels_enabled() { "kernels" } else { "portable" },
         B::DTYPE,
-        enqueue,
-        BATCH.get().unwrap_or(&1),
+        enqueue_ms,
+        args.schedule.batch,
     );
     println!(
         "{:<6} T {:>6} {:<7} {:<7} median {:>9.3} ms (min {:.3}, max {:.3}, first {:.0} ms, host {:.3} ms)  {:>7.1} TFLOP/s  {:>5.1}% of 759",
@@ -306,10 +303,10 @@ fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
         row.mode,
         row.what,
         med,
-        row.ms[0],
-        row.ms[row.ms.len() - 1],
-        row.first_ms,
-        enqueue,
+        ms[0],
+        ms[ms.len() - 1],
+        first_ms,
+        enqueue_ms,
         tflops,
         tflops / 759.0 * 100.0
     );
@@ -321,8 +318,8 @@ fn emit<B: GpuBackend>(args: &Args, row: Row<'_>) {
 
 /// The grouped GEMM kernel alone on the cube runtime `R` in float `F`: balanced segments of
 /// `T K / E` rows (the last takes the remainder), for `what` = `gemm`, `gemm_wgrad` or
-/// `gemm_down`. Returns (first ms, sorted ms, FLOPs).
-fn time_grouped_gemm<R: CubeRuntime, F: FloatElement>(args: &Args, t: usize, what: &str) -> (f64, Vec<f64>, f64) {
+/// `gemm_down`. Returns the timing and the FLOPs.
+fn time_grouped_gemm<R: CubeRuntime, F: FloatElement>(args: &Args, t: usize, what: &str) -> (Timing, f64) {
     // No bool tensor is made here, so the bool element does not matter.
     type Inner<R, F> = CubeBackend<R, F, i32, u8>;
     let device = Default::default();
@@ -334,18 +331,18 @@ fn time_grouped_gemm<R: CubeRuntime, F: FloatElement>(args: &Args, t: usize, wha
     let (d, h) = if what == "gemm_down" { (sh.h, sh.d) } else { (sh.d, sh.h) };
     let x = Tensor::<Inner<R, F>, 2>::random([rows, d], normal, &device).into_primitive().tensor();
     let cores = moe_kernels::cube::use_tensor_cores;
-    let (first, ms) = if what == "gemm_wgrad" {
+    let timing = if what == "gemm_wgrad" {
         let g = Tensor::<Inner<R, F>, 2>::random([rows, h], normal, &device).into_primitive().tensor();
-        time::<Inner<R, F>, _>(&device, args.warmup, args.reps, || {
+        time::<Inner<R, F>, _>(&device, args.schedule, || {
             moe_kernels::cube::launch_weight_grad(x.clone(), g.clone(), &segments, cores)
         })
     } else {
         let w = Tensor::<Inner<R, F>, 3>::random([sh.e, d, h], normal, &device).into_primitive().tensor();
-        time::<Inner<R, F>, _>(&device, args.warmup, args.reps, || {
+        time::<Inner<R, F>, _>(&device, args.schedule, || {
             moe_kernels::cube::launch_rows(x.clone(), w.clone(), &segments, cores)
         })
     };
-    (first, ms, 2.0 * (rows * sh.d * sh.h) as f64)
+    (timing, 2.0 * (rows * sh.d * sh.h) as f64)
 }
 
 /// The `stages` rows: each piece of the layer's forward timed alone, on one routing of `t`
@@ -363,31 +360,29 @@ fn time_stages<B: GpuBackend>(args: &Args, device: &B::Device, t: usize) {
     let bank = &layer.experts;
     let (gate, up, down) = (bank.gate.val(), bank.up.val(), bank.down.val());
     let y = B::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan);
-    let emit_stage = |what, (first_ms, ms)| {
-        emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, first_ms, ms });
+    let emit_stage = |what, timing| {
+        emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, timing });
     };
-    let (w, r) = (args.warmup, args.reps);
-    emit_stage("select", time::<B, _>(device, w, r, || B::moe_select_experts(choice.clone(), &selection)));
-    emit_stage("count", time::<B, _>(device, w, r, || B::moe_expert_counts(routing.expert_ids.clone(), sh.e)));
+    let s = args.schedule;
+    emit_stage("select", time::<B, _>(device, s, || B::moe_select_experts(choice.clone(), &selection)));
+    emit_stage("count", time::<B, _>(device, s, || B::moe_expert_counts(routing.expert_ids.clone(), sh.e)));
     emit_stage(
         "plan",
-        time::<B, _>(device, w, r, || {
+        time::<B, _>(device, s, || {
             B::moe_plan(routing.expert_ids.clone(), None, sh.e, CapacityLimit::Dropless).expect("valid plan")
         }),
     );
-    emit_stage("permute", time::<B, _>(device, w, r, || B::moe_permute(x.clone(), &plan)));
+    emit_stage("permute", time::<B, _>(device, s, || B::moe_permute(x.clone(), &plan)));
     emit_stage(
         "swiglu",
-        time::<B, _>(device, w, r, || {
-            B::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan)
-        }),
+        time::<B, _>(device, s, || B::moe_grouped_swiglu(rows.clone(), gate.clone(), up.clone(), down.clone(), &plan)),
     );
-    emit_stage("combine", time::<B, _>(device, w, r, || B::moe_combine(y.clone(), routing.weights.clone(), &plan)));
+    emit_stage("combine", time::<B, _>(device, s, || B::moe_combine(y.clone(), routing.weights.clone(), &plan)));
     if let Some(shared) = &layer.shared {
         // As the layer runs them, and on burn's matmul (the before of routing them through
         // the backend's dense product).
-        emit_stage("shared", time::<B, _>(device, w, r, || shared.forward_with(x.clone(), B::moe_dense_matmul)));
-        emit_stage("shared_burn", time::<B, _>(device, w, r, || shared.forward(x.clone())));
+        emit_stage("shared", time::<B, _>(device, s, || shared.forward_with(x.clone(), B::moe_dense_matmul)));
+        emit_stage("shared_burn", time::<B, _>(device, s, || shared.forward(x.clone())));
     }
 }
 
@@ -403,24 +398,20 @@ fn time_launches<B: GpuBackend>(args: &Args, device: &B::Device, t: usize) {
     let ids = Tensor::<B, 2>::random([t, sh.k], uniform, device).int();
     let raw_device = Default::default();
     let raw_ids = Tensor::<Inner<B::Runtime, B::Float>, 2>::random([t, sh.k], uniform, &raw_device).int();
-    let (w, r) = (args.warmup, args.reps);
+    let s = args.schedule;
+    let emit_row =
+        |what, timing| emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, timing });
     for (what, n) in [("launch1", 1), ("launch33", 33)] {
-        let timed =
-            time::<B, _>(device, w, r, || (0..n).map(|_| B::moe_expert_counts(ids.clone(), sh.e)).collect::<Vec<_>>());
-        emit::<B>(
-            args,
-            Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, first_ms: timed.0, ms: timed.1 },
+        emit_row(
+            what,
+            time::<B, _>(device, s, || (0..n).map(|_| B::moe_expert_counts(ids.clone(), sh.e)).collect::<Vec<_>>()),
         );
-        let timed = time::<Inner<B::Runtime, B::Float>, _>(&raw_device, w, r, || {
+        let timing = time::<Inner<B::Runtime, B::Float>, _>(&raw_device, s, || {
             (0..n)
                 .map(|_| <Inner<B::Runtime, B::Float> as MoeBackend>::moe_expert_counts(raw_ids.clone(), sh.e))
                 .collect::<Vec<_>>()
         });
-        let what = if n == 1 { "launch1_raw" } else { "launch33_raw" };
-        emit::<B>(
-            args,
-            Row { shape: sh.name, tokens: t, mode: "fwd", what, flops: 0.0, first_ms: timed.0, ms: timed.1 },
-        );
+        emit_row(if n == 1 { "launch1_raw" } else { "launch33_raw" }, timing);
     }
 }
 
@@ -441,18 +432,10 @@ fn run<B: GpuBackend>(args: &Args) {
         let n = 8192;
         let a = Tensor::<B, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
         let b = Tensor::<B, 2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
-        let (first, ms) = time::<B, _>(&device, args.warmup, args.reps, || a.clone().matmul(b.clone()));
+        let timing = time::<B, _>(&device, args.schedule, || a.clone().matmul(b.clone()));
         emit::<B>(
             args,
-            Row {
-                shape: "mm",
-                tokens: n,
-                mode: "fwd",
-                what: "mm8192",
-                flops: 2.0 * (n as f64).powi(3),
-                first_ms: first,
-                ms,
-            },
+            Row { shape: "mm", tokens: n, mode: "fwd", what: "mm8192", flops: 2.0 * (n as f64).powi(3), timing },
         );
         drop((a, b));
         B::memory_cleanup(&device);
@@ -461,12 +444,12 @@ fn run<B: GpuBackend>(args: &Args) {
     let mode = if fwd { "fwd" } else { "fwdbwd" };
     for &t in &args.tokens {
         let flops = sh.flops_fwd(t) * if fwd { 1.0 } else { 3.0 };
-        let row = |what, (first_ms, ms)| Row { shape: sh.name, tokens: t, mode, what, flops, first_ms, ms };
+        let row = |what, timing| Row { shape: sh.name, tokens: t, mode, what, flops, timing };
         if wants("layer") {
             let timed = if fwd {
                 let layer = sh.layer::<B>(&device);
                 let x = Tensor::<B, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-                time::<B, _>(&device, args.warmup, args.reps, || layer.forward(x.clone()).expect("valid").0)
+                time::<B, _>(&device, args.schedule, || layer.forward(x.clone()).expect("valid").0)
             } else {
                 let layer = sh.layer::<Autodiff<B>>(&device);
                 let x = Tensor::<Autodiff<B>, 3>::random([1, t, sh.d], Distribution::Normal(0.0, 1.0), &device);
@@ -477,21 +460,18 @@ fn run<B: GpuBackend>(args: &Args) {
         }
         for what in ["gemm", "gemm_wgrad", "gemm_down"] {
             if wants(what) && fwd {
-                let (first, ms, flops) = time_grouped_gemm::<B::Runtime, B::Float>(args, t, what);
-                emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops, first_ms: first, ms });
+                let (timing, flops) = time_grouped_gemm::<B::Runtime, B::Float>(args, t, what);
+                emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what, flops, timing });
                 B::memory_cleanup(&device);
             }
         }
         if wants("router") && fwd {
             let layer = sh.layer::<B>(&device);
             let x = Tensor::<B, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-            let (first, ms) = time::<B, _>(&device, args.warmup, args.reps, || {
+            let timing = time::<B, _>(&device, args.schedule, || {
                 layer.router.forward_with(x.clone(), B::moe_select_experts, B::moe_expert_counts)
             });
-            emit::<B>(
-                args,
-                Row { shape: sh.name, tokens: t, mode: "fwd", what: "router", flops: 0.0, first_ms: first, ms },
-            );
+            emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what: "router", flops: 0.0, timing });
             drop(layer);
             B::memory_cleanup(&device);
         }
@@ -508,7 +488,7 @@ fn run<B: GpuBackend>(args: &Args) {
             let timed = if fwd {
                 let mlp = SwiGluConfig::new(sh.d, width).init::<B>(&device);
                 let x = Tensor::<B, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-                time::<B, _>(&device, args.warmup, args.reps, || mlp.forward(x.clone()))
+                time::<B, _>(&device, args.schedule, || mlp.forward(x.clone()))
             } else {
                 let mlp = SwiGluConfig::new(sh.d, width).init::<Autodiff<B>>(&device);
                 let x = Tensor::<Autodiff<B>, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
