@@ -180,17 +180,13 @@ impl<B: Backend> MoeLayer<B> {
         Ok((x.reshape([dims[0] * dims[1], dims[2]]), dims))
     }
 
-    /// `routed` plus the shared experts on `x`, their products run by `matmul`.
-    fn shared_plus(
+    /// The shared experts on `x`, if any, their products run by `matmul`.
+    fn shared_output(
         &self,
         x: Tensor<B, 2>,
-        routed: Tensor<B, 2>,
         matmul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
-    ) -> Tensor<B, 2> {
-        match &self.shared {
-            Some(shared) => routed + shared.forward_with(x, matmul),
-            None => routed,
-        }
+    ) -> Option<Tensor<B, 2>> {
+        self.shared.as_ref().map(|shared| shared.forward_with(x, matmul))
     }
 
     /// The per-expert loop version of [`MoeLayer::forward`] (dropless, no losses): the oracle
@@ -199,7 +195,7 @@ impl<B: Backend> MoeLayer<B> {
         let (flat, dims) = self.flatten(x)?;
         let routing = self.router.forward(flat.clone());
         let routed = self.experts.forward_loop(flat.clone(), routing.expert_ids, routing.weights);
-        Ok(self.shared_plus(flat, routed, Tensor::matmul).reshape(dims))
+        Ok(plus(routed, self.shared_output(flat, Tensor::matmul)).reshape(dims))
     }
 }
 
@@ -207,8 +203,11 @@ impl<B: MoeBackend> MoeLayer<B> {
     /// `x` `[batch, seq, d]` -> `[batch, seq, d]` and the auxiliary record. Sequences matter
     /// only to the sequence-wise balance loss.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), MoeError> {
-        let dims = x.dims();
-        let (flat, mut aux) = self.route(x)?;
+        let (flat, dims) = self.flatten(x)?;
+        // The shared experts go first: they need no routing, so the device runs their GEMMs
+        // while the host enqueues the router and waits at the plan's read of the counts.
+        let shared = self.shared_output(flat.clone(), B::moe_dense_matmul);
+        let mut aux = self.route_flat(flat.clone(), dims);
         let (limit, priority) = match self.capacity {
             CapacityConfig::Dropless => (CapacityLimit::Dropless, None),
             CapacityConfig::Factor { factor, policy } => (
@@ -219,7 +218,15 @@ impl<B: MoeBackend> MoeLayer<B> {
         let (routed, plan) =
             self.experts.forward(flat.clone(), aux.expert_ids.clone(), aux.weights.clone(), limit, priority)?;
         aux.dropped = plan.dropped();
-        Ok((self.shared_plus(flat, routed, B::moe_dense_matmul).reshape(dims), aux))
+        Ok((plus(routed, shared).reshape(dims), aux))
+    }
+}
+
+/// `routed`, plus the shared experts' output when there is one.
+fn plus<B: Backend>(routed: Tensor<B, 2>, shared: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+    match shared {
+        Some(shared) => routed + shared,
+        None => routed,
     }
 }
 
@@ -228,14 +235,19 @@ impl<B: MoeBackend> MoeLayer<B> {
     /// `[batch * seq, d]`, and the auxiliary record (routing, loads, losses; `dropped` 0).
     /// For callers that run the experts elsewhere, e.g. sharded over ranks.
     pub fn route(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 2>, MoeAux<B>), MoeError> {
-        let dtype = x.dtype();
         let (flat, dims) = self.flatten(x)?;
-        let routing = self.router.forward_with(flat.clone(), B::moe_select_experts, B::moe_expert_counts);
+        Ok((flat.clone(), self.route_flat(flat, dims)))
+    }
+
+    /// [`MoeLayer::route`] on the flattened input `[batch * seq, d]` of `dims`.
+    fn route_flat(&self, flat: Tensor<B, 2>, dims: [usize; 3]) -> MoeAux<B> {
+        let dtype = flat.dtype();
+        let routing = self.router.forward_with(flat, B::moe_select_experts, B::moe_expert_counts);
         let weighted = |alpha: f64| (alpha > 0.0).then_some(alpha);
         // Computed in f32 with the router; handed back in the model's dtype so they add to
         // its loss.
         let model_dtype = |loss: Tensor<B, 1>| loss.cast(dtype);
-        let aux = MoeAux {
+        MoeAux {
             seq_balance_loss: weighted(self.seq_balance_alpha)
                 .map(|a| sequence_balance_loss(routing.scores.clone(), routing.expert_ids.clone(), dims[1], a))
                 .map(model_dtype),
@@ -247,7 +259,6 @@ impl<B: MoeBackend> MoeLayer<B> {
             weights: routing.weights,
             counts: routing.counts,
             dropped: 0,
-        };
-        Ok((flat, aux))
+        }
     }
 }

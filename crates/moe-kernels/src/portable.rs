@@ -353,20 +353,8 @@ pub fn combine_grad<B: MoeBackend>(
     grad_out: Tensor<B, 2>,
     plan: &DispatchPlan<B>,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let row_weight = row_weights(weights.clone(), plan, rows.dims()[0], grad_out.dtype());
-    combine_grad_with(rows, weights, grad_out, plan, row_weight)
-}
-
-/// [`combine_grad`] given each row's pair weight `row_weight` `[rows]` (in `grad_out`'s dtype,
-/// 0 for padding rows), for a backend that places the weights with its own kernel.
-pub fn combine_grad_with<B: MoeBackend>(
-    rows: Tensor<B, 2>,
-    weights: Tensor<B, 2>,
-    grad_out: Tensor<B, 2>,
-    plan: &DispatchPlan<B>,
-    row_weight: Tensor<B, 1>,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let rows_total = rows.dims()[0];
+    let row_weight = row_weights(weights.clone(), plan, rows_total, grad_out.dtype());
     let grad_rows = B::moe_permute(grad_out.clone(), plan) * row_weight.reshape([rows_total, 1]);
     (grad_rows, combine_grad_weights(rows, weights, grad_out, plan))
 }

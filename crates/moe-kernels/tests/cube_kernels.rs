@@ -292,13 +292,14 @@ fn dense_product_matches_the_host_loop_on_cuda() {
 
 /// The combine kernel (`out[t] = sum_k w[t, k] rows[row of (t, k)]`) against the float64 host
 /// sum, with rows in `dtype` and the router's f32 weights (read as they are, no cast), a width
-/// that allows 16-byte vectors and one that does not, and dropped pairs (rows past the end).
+/// that allows 16-byte vectors, one that does not and an odd one (no vectors), and dropped pairs (rows past the end);
+/// and its weight gradient's kernel (`pair_dots`: each pair's row times its token's gradient).
 fn check_combine<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     println!("combine seed {seed}");
     let mut rng = Lcg(seed);
     let (tokens, top_k, rows) = (300usize, 3usize, 700usize);
-    for d in [64usize, 36] {
+    for d in [64usize, 36, 35] {
         let (x, xh) = upload::<R, 2>(rng.values(rows * d), [rows, d], dtype, device);
         let (w, wh) = upload::<R, 2>(rng.values(tokens * top_k), [tokens, top_k], DType::F32, device);
         // Pair p reads row (7 p) mod (rows + 40): about one pair in 19 points past the end.
@@ -311,14 +312,28 @@ fn check_combine<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f6
                 }
             }
         }
+        // The weight gradient: each pair's dot product of its row with its token's gradient.
+        let (g, gh) = upload::<R, 2>(rng.values(tokens * d), [tokens, d], dtype, device);
+        let dots: Vec<f64> = row_of_pair
+            .iter()
+            .enumerate()
+            .map(|(p, &r)| match r as usize {
+                r if r < rows => (0..d).map(|j| xh[r * d + j] * gh[(p / top_k) * d + j]).sum(),
+                _ => 0.0,
+            })
+            .collect();
         let index = Tensor::<Backend<R>, 1, Int>::from_data(TensorData::new(row_of_pair, [tokens * top_k]), device);
-        let out = Backend::<R>::combine_rows(x, index.into_primitive(), w);
+        let out = Backend::<R>::combine_rows(x.clone(), index.clone().into_primitive(), w);
         check(
             &format!("combine ({dtype:?} rows, f32 weights, width {d})"),
             &download::<R, 2>(out),
             &expected,
             tolerance,
         );
+        let pairs = index.reshape([tokens, top_k]).into_primitive();
+        let out = Backend::<R>::pair_dots(x, pairs, g, DType::F32);
+        // f32 outputs: only the f32 sums' rounding.
+        check(&format!("pair dots ({dtype:?} rows, width {d})"), &download::<R, 2>(out), &dots, 1e-5);
     }
 }
 

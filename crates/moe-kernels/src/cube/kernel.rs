@@ -613,6 +613,67 @@ pub(crate) fn combine_rows<F: Float, I: Int, W: Float, N: Size>(
     out[idx] = Vector::<F, N>::cast_from(acc);
 }
 
+/// Units that share one pair's dot product in [`pair_dots`].
+pub(crate) const DOT_UNITS: u32 = 32;
+/// Pairs per cube of [`pair_dots`].
+pub(crate) const DOT_PAIRS: u32 = 8;
+
+/// `out[p] = <rows[row_of_pair[p]], grad[p / K]>` summed in f32, 0 for a dropped pair (a row
+/// past the end): the combine's weight gradient (`out`, `row_of_pair` `[T, K]`). One group of
+/// [`DOT_UNITS`] units per pair, each a strided share of the width in vectors of `N`, then a
+/// tree sum in shared memory: one read of each row, where burn ops gathered, cast,
+/// multiplied and reduced `[T K, d]` copies.
+#[cube(launch)]
+pub(crate) fn pair_dots<F: Float, I: Int, W: Float, N: Size>(
+    rows: &Tensor<Vector<F, N>>,
+    row_of_pair: &Tensor<I>,
+    grad: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<W>,
+    #[define(F, I, W)] _dtypes: [StorageType; 3],
+) {
+    let units = DOT_UNITS as usize;
+    let unit = UNIT_POS as usize;
+    let lane = unit % units;
+    let p = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * DOT_PAIRS as usize + unit / units;
+    let pairs = out.len();
+    let width = grad.vector_size();
+    let vectors = grad.shape(1) / width;
+    let mut acc = Vector::<f32, N>::new(0.0);
+    // No early exit: every unit takes part in the cube's syncs below.
+    if p < pairs {
+        let r = usize::cast_from(row_of_pair[p]);
+        if r < rows.shape(0) {
+            let t = p / out.shape(1);
+            let mut j = lane;
+            while j < vectors {
+                let a = Vector::<f32, N>::cast_from(rows[(r * rows.stride(0) + j * width * rows.stride(1)) / width]);
+                let b = Vector::<f32, N>::cast_from(grad[(t * grad.stride(0) + j * width * grad.stride(1)) / width]);
+                acc += a * b;
+                j += units;
+            }
+        }
+    }
+    let mut total = 0.0f32;
+    #[unroll]
+    for i in 0..width {
+        total += acc[i];
+    }
+    let mut sum = SharedMemory::<f32>::new((DOT_UNITS * DOT_PAIRS) as usize);
+    sum[unit] = total;
+    sync_cube();
+    let mut stride = 1usize;
+    while stride < units {
+        if lane & (2 * stride - 1) == 0 {
+            sum[unit] += sum[unit + stride];
+        }
+        sync_cube();
+        stride *= 2;
+    }
+    if lane == 0 && p < pairs {
+        out[p] = W::cast_from(sum[unit]);
+    }
+}
+
 /// Units of the count kernel's cube.
 pub(crate) const COUNT_UNITS: u32 = 256;
 

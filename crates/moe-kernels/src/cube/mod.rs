@@ -9,12 +9,16 @@
 //! Aligned half-precision products on devices with asynchronous copies run the pipelined
 //! kernel (`pipelined.rs`); every other case the general one (`kernel.rs`).
 
+mod flush;
 mod kernel;
 mod pipelined;
 mod select;
 
+pub use flush::FlushPolicy;
+
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Shape, Tensor, backend::Backend};
+use burn_backend::{Device as _, DeviceHandle};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
@@ -26,8 +30,8 @@ use cubecl::ir::{StorageType, features::MmaConfig};
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use kernel::{
-    COUNT_UNITS, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, Tiling, combine_rows, count_experts, gather_rows,
-    grouped_gemm, place_pairs, place_rows, scan_experts,
+    COUNT_UNITS, DOT_PAIRS, DOT_UNITS, MODE_ROWS, MODE_WEIGHTS, RANK_UNITS, ROW_UNITS, Tiling, combine_rows,
+    count_experts, gather_rows, grouped_gemm, pair_dots, place_pairs, place_rows, scan_experts,
 };
 
 use moe_router::Selection;
@@ -81,6 +85,15 @@ pub trait MoeCubeKernels: Backend {
         rows: FloatTensor<Self>,
         row_of_pair: IntTensor<Self>,
         weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// `[T, K]` in `dtype`: each pair's `<rows[row_of_pair[t, k]], grad[t]>` (`rows`
+    /// `[rows, d]`, `grad` `[T, d]`), summed in f32; 0 for a dropped pair (a row past the end).
+    fn pair_dots(
+        rows: FloatTensor<Self>,
+        row_of_pair: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+        dtype: DType,
     ) -> FloatTensor<Self>;
 
     /// [`Selection::select`] on `choice` `[T, E]` (f32): the ids `[T, K]`, exactly the
@@ -245,6 +258,30 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         out
     }
 
+    fn pair_dots(rows: CubeTensor<R>, row_of_pair: CubeTensor<R>, grad: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+        let shape = row_of_pair.meta.shape().clone();
+        let out = empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), shape, dtype);
+        let pairs = out.meta.num_elements();
+        if pairs == 0 {
+            return out;
+        }
+        let row_of_pair = into_contiguous(row_of_pair);
+        let dtypes = [rows.dtype.into(), row_of_pair.dtype.into(), dtype.into()];
+        let vector = row_vector_size(&[&rows, &grad]);
+        pair_dots::launch(
+            &rows.client,
+            cube_grid(pairs.div_ceil(DOT_PAIRS as usize) as u32),
+            CubeDim::new_1d(DOT_UNITS * DOT_PAIRS),
+            vector,
+            rows.clone().into_tensor_arg(),
+            row_of_pair.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            dtypes,
+        );
+        out
+    }
+
     fn select_experts(choice: CubeTensor<R>, selection: &Selection) -> CubeTensor<R> {
         select::launch_select(choice, selection, I::dtype())
     }
@@ -274,9 +311,14 @@ fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
         .unwrap_or(1)
 }
 
-/// Cubes for one unit per element; a 2-D grid past the 65535 cubes a wgpu dimension holds.
+/// Cubes for one unit per element of the row kernels.
 fn row_cubes(elements: usize) -> CubeCount {
-    let cubes = elements.div_ceil(ROW_UNITS as usize) as u32;
+    cube_grid(elements.div_ceil(ROW_UNITS as usize) as u32)
+}
+
+/// `cubes` cubes, numbered `y * CUBE_COUNT_X + x`: a 2-D grid past the 65535 cubes a wgpu
+/// dimension holds.
+fn cube_grid(cubes: u32) -> CubeCount {
     let x = cubes.min(32768);
     CubeCount::Static(x, cubes.div_ceil(x), 1)
 }
@@ -402,6 +444,7 @@ pub fn launch_rows<R: CubeRuntime>(
         let count = CubeCount::Static(n_blocks, (chunk.len() / 3) as u32, 1);
         launch_gemm(&rows, &weights, u32_tensor(&rows, chunk), &out, count, MODE_ROWS, tiling, pipe);
     }
+    flush_launches(&rows);
     out
 }
 
@@ -437,7 +480,17 @@ pub fn launch_weight_grad<R: CubeRuntime>(
     let pipe = pipeline([&rows, &grad], tiling, aligned, MODE_WEIGHTS, false, b);
     let count = CubeCount::Static(b.div_ceil(tiling.tile_n) as u32, a.div_ceil(tiling.tile_m) as u32, experts as u32);
     launch_gemm(&rows, &grad, u32_tensor(&rows, &offsets), &out, count, MODE_WEIGHTS, tiling, pipe);
+    flush_launches(&rows);
     out
+}
+
+/// Hands cubecl's queued launches to its thread now, so a GEMM starts while the host goes on
+/// (see `flush.rs`). Through the queue's handle, not `ComputeClient::flush`, which would also
+/// wait for that thread to run them.
+fn flush_launches<R: CubeRuntime>(like: &CubeTensor<R>) {
+    if FlushPolicy::current().flushes_launches() {
+        DeviceHandle::<R::Server>::new(like.device.to_id()).flush_queue();
+    }
 }
 
 /// One grouped-GEMM launch: the pipelined kernel when `pipe` is set, the general one otherwise.
@@ -595,10 +648,19 @@ macro_rules! cube_moe_methods {
             if !kernels_enabled() {
                 return portable::combine_grad(rows, weights, grad_out, plan);
             }
-            let row_of_pair = plan.row_of_pair.clone().reshape([plan.tokens, plan.top_k]).into_primitive();
+            let row_of_pair = plan.row_of_pair.clone().reshape([plan.tokens, plan.top_k]);
+            let rows_total = rows.dims()[0];
             let scaled = float_primitive(weights.clone().cast(grad_out.dtype()));
-            let row_weight = float_tensor(Self::place_float(row_of_pair, scaled, rows.dims()[0]));
-            portable::combine_grad_with(rows, weights, grad_out, plan, row_weight)
+            let row_weight: Tensor<Self, 1> =
+                float_tensor(Self::place_float(row_of_pair.clone().into_primitive(), scaled, rows_total));
+            let grad_rows = Self::moe_permute(grad_out.clone(), plan) * row_weight.reshape([rows_total, 1]);
+            let grad_weights = Self::pair_dots(
+                float_primitive(rows),
+                row_of_pair.into_primitive(),
+                float_primitive(grad_out),
+                weights.dtype(),
+            );
+            (grad_rows, float_tensor(grad_weights))
         }
 
         fn moe_grouped_matmul(
@@ -667,6 +729,8 @@ enum Kernel {
     Gather,
     /// Inputs: rows, row_of_pair (int), weights.
     Combine,
+    /// Inputs: rows, row_of_pair (int), gradient; the output is of this dtype.
+    PairDots(DType),
     /// Inputs: ids (int), over this many experts; two int outputs (ranks, summary).
     Scan(usize),
     /// Inputs: biased scores (f32); the output is int.
@@ -687,6 +751,7 @@ impl Kernel {
             Self::WeightGrad(_) => "moe_grouped_gemm_weight_grad",
             Self::Gather => "moe_gather_rows",
             Self::Combine => "moe_combine_rows",
+            Self::PairDots(_) => "moe_pair_dots",
             Self::Scan(_) => "moe_scan_experts",
             Self::Select(_) => "moe_select_experts",
             Self::Count(_) => "moe_count_experts",
@@ -697,7 +762,8 @@ impl Kernel {
 }
 
 /// A kernel as an operation in burn-fusion's stream: the inner backend runs it when the
-/// stream reaches it, so no flush or host sync is forced here.
+/// stream reaches it; registering it wakes the stream's thread (`FlushPolicy`) but forces no
+/// host sync.
 #[derive(Debug, Clone)]
 struct KernelOp<B> {
     desc: CustomOpIr,
@@ -716,6 +782,7 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
             Kernel::WeightGrad(segments) => B::grouped_gemm_weight_grad(float(handles, 0), float(handles, 1), segments),
             Kernel::Gather => B::gather_rows(float(handles, 0), int(handles, 1)),
             Kernel::Combine => B::combine_rows(float(handles, 0), int(handles, 1), float(handles, 2)),
+            Kernel::PairDots(dtype) => B::pair_dots(float(handles, 0), int(handles, 1), float(handles, 2), *dtype),
             Kernel::Place(rows) => B::place_float(int(handles, 0), float(handles, 1), *rows),
             Kernel::Scan(experts) => {
                 let (ranks, summary) = B::scan_experts(int(handles, 0), *experts);
@@ -766,7 +833,12 @@ fn fused_outputs<B: FusionBackend + MoeCubeKernels, const N: usize>(
     let irs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
     let desc = CustomOpIr::new(kernel.name(), &irs, &outs);
     let op = KernelOp::<B> { desc: desc.clone(), kernel, _backend: std::marker::PhantomData };
-    client.register(streams, OperationIr::Custom(desc), op).outputs()
+    let outputs = client.register(streams, OperationIr::Custom(desc), op).outputs();
+    // Wake fusion's thread rather than leave the kernel queued until 32 operations or a sync.
+    if FlushPolicy::current().flushes_fusion() {
+        client.flush_queue();
+    }
+    outputs
 }
 
 impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
@@ -827,6 +899,16 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
     ) -> FloatTensor<Self> {
         let shape = Shape::new([weights.shape[0], rows.shape[1]]);
         fused::<B>(Kernel::Combine, vec![rows, row_of_pair, weights], shape, None)
+    }
+
+    fn pair_dots(
+        rows: FloatTensor<Self>,
+        row_of_pair: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+        dtype: DType,
+    ) -> FloatTensor<Self> {
+        let shape = row_of_pair.shape.clone();
+        fused::<B>(Kernel::PairDots(dtype), vec![rows, row_of_pair, grad], shape, Some(dtype))
     }
 
     fn tensor_cores(dtype: DType, device: &Self::Device) -> bool {

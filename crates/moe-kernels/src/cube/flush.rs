@@ -1,0 +1,50 @@
+//! When the MoE kernels hand queued work on to the device.
+//!
+//! burn 0.21 moves work through two queues, each served by its own thread (cubecl-common's
+//! channel device handle): burn-fusion's operations, then cubecl's launches. A queue's thread
+//! takes tasks 32 at a time, or earlier only when a caller blocks on it (a read, a sync). A
+//! forward of one small MoE layer registers fewer than 32 operations after the plan's host read,
+//! so without a flush its GEMMs would reach the GPU only at the caller's next sync: the device
+//! idles while the host enqueues, then the host waits while the device works.
+
+use std::sync::OnceLock;
+
+/// Which queues the kernels flush (`MOE_FLUSH`: `off`, `fusion`, `all`; `all` by default; the
+/// others are for before/after measurements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushPolicy {
+    /// Leave both queues to fill up or to the caller's next sync.
+    Off,
+    /// After registering a kernel, wake burn-fusion's thread (does not wait).
+    Fusion,
+    /// [`FlushPolicy::Fusion`], and after launching a GEMM, hand cubecl's queue to its thread
+    /// (waits for neither that thread nor the device).
+    All,
+}
+
+impl FlushPolicy {
+    /// The policy of this process, read once from `MOE_FLUSH`.
+    pub fn current() -> Self {
+        static POLICY: OnceLock<FlushPolicy> = OnceLock::new();
+        *POLICY.get_or_init(|| match std::env::var("MOE_FLUSH").as_deref() {
+            Err(_) | Ok("all") => Self::All,
+            Ok("fusion") => Self::Fusion,
+            Ok("off") => Self::Off,
+            Ok(other) => {
+                // A bad value must not change results, only speed: say so and keep the default.
+                eprintln!("MOE_FLUSH must be off, fusion or all (got {other:?}); using all");
+                Self::All
+            }
+        })
+    }
+
+    /// Whether kernels registered in burn-fusion's queue wake its thread.
+    pub fn flushes_fusion(self) -> bool {
+        self != Self::Off
+    }
+
+    /// Whether a GEMM launch hands cubecl's queue to the device.
+    pub fn flushes_launches(self) -> bool {
+        self == Self::All
+    }
+}
