@@ -43,7 +43,7 @@ impl FlushPolicy {
         self != Self::Off
     }
 
-    /// Whether a GEMM launch hands cubecl's queue to the device.
+    /// Whether a GEMM launch hands cubecl's queue on to its thread.
     pub fn flushes_launches(self) -> bool {
         self == Self::All
     }

@@ -43,7 +43,8 @@ use crate::{
 
 /// The kernels on a backend's primitives: the two grouped products, given the rows each
 /// expert owns (`segment_rows`, host), the in-expert ranks of the dispatch plan, the row
-/// gather and the combine. A fusion backend forwards them to its inner backend.
+/// gather, the combine and its weight gradient. A fusion backend forwards them to its inner
+/// backend.
 pub trait MoeCubeKernels: Backend {
     /// `[rows, a] x [E, a, b] -> [rows, b]`, segment by segment.
     fn grouped_gemm(rows: FloatTensor<Self>, weights: FloatTensor<Self>, segment_rows: &[usize]) -> FloatTensor<Self>;
