@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::grad_clipping::GradientClippingConfig;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -108,15 +108,28 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.to_owned(), source }
 }
 
-/// Builds the model of `config` with the balance mode's loss weights.
+/// Builds the model of `config` with the balance mode's loss weights. Every parameter is drawn
+/// here, in module order: burn draws a lazily initialised parameter when something first reads
+/// it, so otherwise the initial weights would depend on the order a forward reads them in
+/// (the single-device and the sharded forward read the shared experts at different points).
 pub fn build_model<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<DeepSeekModel<B>, TrainError> {
     B::seed(device, config.train.seed);
     let mut model = config.model.init::<B>(device).map_err(SettingsError::from)?;
+    model.visit(&mut DrawParameters);
     let (seq_alpha, aux_alpha, _) = config.balance.weights();
     for layer in model.moe_layers_mut() {
         layer.set_loss_weights(seq_alpha, aux_alpha).map_err(ModelError::Moe)?;
     }
     Ok(model)
+}
+
+/// Reads every float parameter once, which draws the lazily initialised ones.
+struct DrawParameters;
+
+impl<B: Backend> ModuleVisitor<B> for DrawParameters {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
 }
 
 fn tokens<B: Backend>(values: &[i64], batch: usize, seq: usize, device: &B::Device) -> Tensor<B, 2, Int> {
