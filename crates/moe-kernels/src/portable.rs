@@ -353,10 +353,19 @@ pub fn combine_grad<B: MoeBackend>(
     grad_out: Tensor<B, 2>,
     plan: &DispatchPlan<B>,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let rows_total = rows.dims()[0];
-    let row_weight = row_weights(weights.clone(), plan, rows_total, grad_out.dtype());
-    let grad_rows = B::moe_permute(grad_out.clone(), plan) * row_weight.reshape([rows_total, 1]);
-    (grad_rows, combine_grad_weights(rows, weights, grad_out, plan))
+    let row_weight = row_weights(weights.clone(), plan, rows.dims()[0], grad_out.dtype());
+    (combine_grad_rows(grad_out.clone(), plan, row_weight), combine_grad_weights(rows, weights, grad_out, plan))
+}
+
+/// The rows' part of [`combine_grad`]: each dispatch row's token gradient, through the
+/// backend's permute, times `row_weight` `[rows]` (its pair's weight, 0 for padding rows).
+pub fn combine_grad_rows<B: MoeBackend>(
+    grad_out: Tensor<B, 2>,
+    plan: &DispatchPlan<B>,
+    row_weight: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    let rows_total = row_weight.dims()[0];
+    B::moe_permute(grad_out, plan) * row_weight.reshape([rows_total, 1])
 }
 
 /// The weights' part of [`combine_grad`]: `d weights[t, k] = <rows[row of (t, k)], grad_out[t]>`,

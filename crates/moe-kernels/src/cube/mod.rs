@@ -445,7 +445,6 @@ pub fn launch_rows<R: CubeRuntime>(
         let count = CubeCount::Static(n_blocks, (chunk.len() / 3) as u32, 1);
         launch_gemm(&rows, &weights, u32_tensor(&rows, chunk), &out, count, MODE_ROWS, tiling, pipe);
     }
-    flush_launches(&rows);
     out
 }
 
@@ -481,20 +480,11 @@ pub fn launch_weight_grad<R: CubeRuntime>(
     let pipe = pipeline([&rows, &grad], tiling, aligned, MODE_WEIGHTS, false, b);
     let count = CubeCount::Static(b.div_ceil(tiling.tile_n) as u32, a.div_ceil(tiling.tile_m) as u32, experts as u32);
     launch_gemm(&rows, &grad, u32_tensor(&rows, &offsets), &out, count, MODE_WEIGHTS, tiling, pipe);
-    flush_launches(&rows);
     out
 }
 
-/// Hands cubecl's queued launches to its thread now, so a GEMM starts while the host goes on
-/// (see `flush.rs`). Through the queue's handle, not `ComputeClient::flush`, which would also
-/// wait for that thread to run them.
-fn flush_launches<R: CubeRuntime>(like: &CubeTensor<R>) {
-    if FlushPolicy::current().flushes_launches() {
-        DeviceHandle::<R::Server>::new(like.device.to_id()).flush_queue();
-    }
-}
-
-/// One grouped-GEMM launch: the pipelined kernel when `pipe` is set, the general one otherwise.
+/// One grouped-GEMM launch: the pipelined kernel when `pipe` is set, the general one otherwise;
+/// then cubecl's queue is handed on (`FlushPolicy`), so the GEMM starts while the host goes on.
 #[allow(clippy::too_many_arguments)]
 fn launch_gemm<R: CubeRuntime>(
     lhs: &CubeTensor<R>,
@@ -534,6 +524,10 @@ fn launch_gemm<R: CubeRuntime>(
             tiling,
             lhs.dtype.into(),
         ),
+    }
+    // Through the queue's handle: `ComputeClient::flush` would also wait for cubecl's thread.
+    if FlushPolicy::current().flushes_launches() {
+        DeviceHandle::<R::Server>::new(lhs.device.to_id()).flush_queue();
     }
 }
 
@@ -650,11 +644,10 @@ macro_rules! cube_moe_methods {
                 return portable::combine_grad(rows, weights, grad_out, plan);
             }
             let row_of_pair = plan.row_of_pair.clone().reshape([plan.tokens, plan.top_k]);
-            let rows_total = rows.dims()[0];
             let scaled = float_primitive(weights.clone().cast(grad_out.dtype()));
-            let row_weight: Tensor<Self, 1> =
-                float_tensor(Self::place_float(row_of_pair.clone().into_primitive(), scaled, rows_total));
-            let grad_rows = Self::moe_permute(grad_out.clone(), plan) * row_weight.reshape([rows_total, 1]);
+            let row_weight =
+                float_tensor(Self::place_float(row_of_pair.clone().into_primitive(), scaled, rows.dims()[0]));
+            let grad_rows = portable::combine_grad_rows(grad_out.clone(), plan, row_weight);
             let grad_weights = Self::pair_dots(
                 float_primitive(rows),
                 row_of_pair.into_primitive(),
