@@ -48,6 +48,7 @@ use burn::tensor::{Distribution, FloatDType, Tensor};
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement};
 use moe_experts::{MoeLayer, MoeLayerConfig, SwiGluConfig};
 use moe_kernels::MoeBackend;
+use moe_kernels::cube::MoeCubeKernels;
 use moe_router::RouterConfig;
 use std::io::Write;
 use std::time::Instant;
@@ -330,16 +331,16 @@ fn time_grouped_gemm<R: CubeRuntime, F: FloatElement>(args: &Args, t: usize, wha
     let normal = Distribution::Normal(0.0, 1.0);
     let (d, h) = if what == "gemm_down" { (sh.h, sh.d) } else { (sh.d, sh.h) };
     let x = Tensor::<Inner<R, F>, 2>::random([rows, d], normal, &device).into_primitive().tensor();
-    let cores = moe_kernels::cube::use_tensor_cores;
+    // The backend's own choice of kernel, as the layer makes it (`MOE_WGMMA=off` for the cube one).
     let timing = if what == "gemm_wgrad" {
         let g = Tensor::<Inner<R, F>, 2>::random([rows, h], normal, &device).into_primitive().tensor();
         time::<Inner<R, F>, _>(&device, args.schedule, || {
-            moe_kernels::cube::launch_weight_grad(x.clone(), g.clone(), &segments, cores)
+            <Inner<R, F> as MoeCubeKernels>::grouped_gemm_weight_grad(x.clone(), g.clone(), &segments)
         })
     } else {
         let w = Tensor::<Inner<R, F>, 3>::random([sh.e, d, h], normal, &device).into_primitive().tensor();
         time::<Inner<R, F>, _>(&device, args.schedule, || {
-            moe_kernels::cube::launch_rows(x.clone(), w.clone(), &segments, cores)
+            <Inner<R, F> as MoeCubeKernels>::grouped_gemm(x.clone(), w.clone(), &segments)
         })
     };
     (timing, 2.0 * (rows * sh.d * sh.h) as f64)

@@ -247,6 +247,52 @@ fn grouped_gemm_matches_the_host_loop_on_cuda() {
     );
 }
 
+/// The Hopper `wgmma` kernel on every case whose widths it takes (multiples of 8), in both
+/// half-precision types: the three products against the float64 host loop. On a CUDA device
+/// that is not Hopper the kernel declines every case, and the test says so.
+#[cfg(feature = "cuda")]
+#[test]
+fn wgmma_grouped_gemm_matches_the_host_loop_on_cuda() {
+    use moe_kernels::cube::{launch_rows_wgmma, launch_weight_grad_wgmma};
+    type R = cubecl::cuda::CudaRuntime;
+    let device = Default::default();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("seed {seed}");
+    let mut rng = Lcg(seed);
+    for (dtype, tolerance) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+        for &(name, segments, a, b) in CASES {
+            let label = format!("{name} ({dtype:?}, wgmma)");
+            let experts = segments.len();
+            let rows: usize = segments.iter().sum();
+            let (x, xh) = upload::<R, 2>(rng.values(rows * a), [rows, a], dtype, &device);
+            let (w, wh) = upload::<R, 3>(rng.values(experts * a * b), [experts, a, b], dtype, &device);
+            let (g, gh) = upload::<R, 2>(rng.values(rows * b), [rows, b], dtype, &device);
+            let wt = Tensor::<Backend<R>, 3>::from_primitive(TensorPrimitive::Float(w.clone())).swap_dims(1, 2);
+            let wt = wt.into_primitive().tensor();
+            let outs = [
+                launch_rows_wgmma(&x, &w, segments),
+                launch_rows_wgmma(&g, &wt, segments),
+                launch_weight_grad_wgmma(&x, &g, segments),
+            ];
+            let taken = outs.iter().filter(|o| o.is_some()).count();
+            if !(a.is_multiple_of(8) && b.is_multiple_of(8)) {
+                assert_eq!(taken, 0, "{label}: widths {a} x {b} are not multiples of 8, yet the kernel ran");
+                continue;
+            }
+            if taken == 0 {
+                println!("{label}: the device is not Hopper; the wgmma kernel declined");
+                continue;
+            }
+            assert_eq!(taken, 3, "{label}: the kernel took only some of the three products");
+            let [y, dx, dw] = host_products(segments, (a, b), &xh, &wh, &gh);
+            let [out_y, out_dx, out_dw] = outs.map(Option::unwrap);
+            check(&format!("{label} rows x weights"), &download::<R, 2>(out_y), &y, tolerance);
+            check(&format!("{label} row gradient (transposed view)"), &download::<R, 2>(out_dx), &dx, tolerance);
+            check(&format!("{label} weight gradient"), &download::<R, 3>(out_dw), &dw, tolerance);
+        }
+    }
+}
+
 /// The dense product (the shared experts' path) under `Autodiff` on the cube backend: its
 /// output and both gradients for the loss `sum(x w * r)` against the float64 host loop. In
 /// half precision on a device with tensor cores it is the grouped GEMM with one segment, and

@@ -10,11 +10,17 @@
 //! kernel (`pipelined.rs`); every other case the general one (`kernel.rs`).
 
 mod flush;
+#[cfg(feature = "cuda")]
+mod hopper;
+#[cfg(feature = "cuda")]
+mod hopper_source;
 mod kernel;
 mod pipelined;
 mod select;
 
 pub use flush::FlushPolicy;
+#[cfg(feature = "cuda")]
+pub use hopper::{launch_rows_wgmma, launch_weight_grad_wgmma};
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Shape, Tensor, backend::Backend};
@@ -107,10 +113,18 @@ pub trait MoeCubeKernels: Backend {
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKernels for CubeBackend<R, F, I, BT> {
     fn grouped_gemm(rows: CubeTensor<R>, weights: CubeTensor<R>, segment_rows: &[usize]) -> CubeTensor<R> {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = hopper::launch_rows_wgmma(&rows, &weights, segment_rows) {
+            return out;
+        }
         launch_rows(rows, weights, segment_rows, use_tensor_cores)
     }
 
     fn grouped_gemm_weight_grad(rows: CubeTensor<R>, grad: CubeTensor<R>, segment_rows: &[usize]) -> CubeTensor<R> {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = hopper::launch_weight_grad_wgmma(&rows, &grad, segment_rows) {
+            return out;
+        }
         launch_weight_grad(rows, grad, segment_rows, use_tensor_cores)
     }
 

@@ -1,0 +1,219 @@
+//! Launching the Hopper grouped GEMM (`hopper_source.rs`) through cubecl's compute client.
+//!
+//! cubecl compiles a kernel by asking its task for CUDA text; this task answers with the
+//! `wgmma` kernel's text. The shared-memory size cubecl reserves at launch comes from the
+//! representation of a small `#[cube]` kernel that only declares that much shared memory,
+//! compiled by the same call. The launch takes the four buffers in the kernel's parameter
+//! order; sizes and strides travel in the tile table's header.
+//!
+//! It runs where the product is Hopper's (sm_90: `wgmma` exists on no other architecture),
+//! on 2-byte operands whose rows start on 16-byte boundaries, and unless `MOE_WGMMA=off`;
+//! every other launch takes the cube kernels.
+
+use std::any::Any;
+
+use burn::tensor::{DType, Shape};
+use burn_backend::{Device as _, DeviceHandle};
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::cuda::{CudaCompiler, CudaRuntime};
+use cubecl::ir::features::Tma;
+use cubecl::prelude::*;
+use cubecl::server::KernelArguments;
+use cubecl::{CompilationError, Compiler, CubeTask};
+
+use super::flush::FlushPolicy;
+use super::hopper_source::{HEADER, HopperGemm, THREADS, TILE_M};
+use super::pipelined::CHUNK;
+
+/// Output columns of one cube and shared-memory stages: the best of a sweep on the H200
+/// (docs/performance.md, eighth measurement).
+const TILE_N: usize = 256;
+const STAGES: usize = 4;
+
+/// `rows [N, k] x weights[e] [k, n]` per expert segment on the Hopper kernel, or `None` where it
+/// does not run (then the cube kernels do).
+pub fn launch_rows_wgmma<R: CubeRuntime>(
+    rows: &CubeTensor<R>,
+    weights: &CubeTensor<R>,
+    segment_rows: &[usize],
+) -> Option<CubeTensor<R>> {
+    let [total, k] = rows.meta.shape()[..] else { return None };
+    let [_, _, n] = weights.meta.shape()[..] else { return None };
+    let (rs, ws) = (rows.meta.strides(), weights.meta.strides());
+    let b_depth_contiguous = ws[2] != 1;
+    let b_ok = if b_depth_contiguous { ws[1] == 1 && eighth(ws[2]) } else { eighth(ws[1]) };
+    let aligned = rs[1] == 1 && eighth(rs[0]) && eighth(k) && eighth(n) && eighth(ws[0]) && b_ok;
+    if !aligned {
+        return None;
+    }
+    let client = cuda_client([rows, weights])?;
+    let b_ld = if b_depth_contiguous { ws[2] } else { ws[1] };
+    let header = header(&[k, n, rs[0], ws[0], b_ld])?;
+    let out =
+        empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), Shape::new([total, n]), rows.dtype);
+    let mut tiles = Vec::new();
+    let mut start = 0;
+    for (expert, &count) in segment_rows.iter().enumerate() {
+        let end = start + count;
+        tiles.extend((start..end).step_by(TILE_M).flat_map(|first| [expert as u32, first as u32, end as u32]));
+        start = end;
+    }
+    if tiles.is_empty() || n == 0 {
+        return Some(out);
+    }
+    let gemm =
+        HopperGemm { half: rows.dtype == DType::F16, rows: true, b_depth_contiguous, tile_n: TILE_N, stages: STAGES };
+    let n_blocks = n.div_ceil(TILE_N) as u32;
+    // Row tiles run along y; a device's y limit (65535) splits very long tables.
+    let max_y = rows.client.properties().hardware.max_cube_count.1 as usize;
+    for chunk in tiles.chunks(max_y * 3) {
+        let table = [&header[..], chunk].concat();
+        let count = CubeCount::Static(n_blocks, (chunk.len() / 3) as u32, 1);
+        launch(&client, gemm, [rows, weights], &table, &out, count);
+    }
+    Some(out)
+}
+
+/// `[N, a], [N, b] -> [E, a, b]`: each expert's `rows_e^T grad_e` on the Hopper kernel, or
+/// `None` where it does not run.
+pub fn launch_weight_grad_wgmma<R: CubeRuntime>(
+    rows: &CubeTensor<R>,
+    grad: &CubeTensor<R>,
+    segment_rows: &[usize],
+) -> Option<CubeTensor<R>> {
+    let [_, a] = rows.meta.shape()[..] else { return None };
+    let [_, b] = grad.meta.shape()[..] else { return None };
+    let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
+    let aligned = rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], a, b].into_iter().all(eighth);
+    let experts = segment_rows.len();
+    if !aligned || experts == 0 || a == 0 || b == 0 {
+        return None;
+    }
+    let client = cuda_client([rows, grad])?;
+    let mut table = header(&[a, b, rs[0], gs[0]])?.to_vec();
+    let mut end = 0u32;
+    table.push(0);
+    for &count in segment_rows {
+        end = end.checked_add(u32::try_from(count).ok()?)?;
+        table.push(end);
+    }
+    let out = empty_device_contiguous_dtype(
+        rows.client.clone(),
+        rows.device.clone(),
+        Shape::new([experts, a, b]),
+        rows.dtype,
+    );
+    let gemm = HopperGemm {
+        half: rows.dtype == DType::F16,
+        rows: false,
+        b_depth_contiguous: false,
+        tile_n: TILE_N,
+        stages: STAGES,
+    };
+    let count = CubeCount::Static(b.div_ceil(TILE_N) as u32, a.div_ceil(TILE_M) as u32, experts as u32);
+    launch(&client, gemm, [rows, grad], &table, &out, count);
+    Some(out)
+}
+
+/// The operands' CUDA client where the kernel runs for them: a Hopper device (sm_90: TMA but
+/// not Blackwell's wide im2col), 2-byte elements, 16-byte-aligned starts, not turned off.
+fn cuda_client<R: CubeRuntime>(operands: [&CubeTensor<R>; 2]) -> Option<ComputeClient<CudaRuntime>> {
+    let first = operands[0];
+    let half = matches!(first.dtype, DType::BF16 | DType::F16) && operands[1].dtype == first.dtype;
+    let starts = operands.iter().all(|t| t.handle.offset_start.unwrap_or(0).is_multiple_of(16));
+    if !enabled() || !half || !starts {
+        return None;
+    }
+    let client = (&first.client as &dyn Any).downcast_ref::<ComputeClient<CudaRuntime>>()?;
+    let tma = client.properties().features.tma;
+    (tma.contains(Tma::Base) && !tma.contains(Tma::Im2colWide)).then(|| client.clone())
+}
+
+/// `MOE_WGMMA=off` runs the cube kernels instead, for before/after measurements; any other
+/// value, or none, keeps the Hopper kernel.
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOE_WGMMA").map_or(true, |v| v != "off"))
+}
+
+fn eighth(v: usize) -> bool {
+    v.is_multiple_of(CHUNK)
+}
+
+/// The table's header: sizes and strides as u32 (`None` when one does not fit).
+fn header(values: &[usize]) -> Option<[u32; HEADER]> {
+    let mut out = [0u32; HEADER];
+    for (slot, &v) in out.iter_mut().zip(values) {
+        *slot = u32::try_from(v).ok()?;
+    }
+    Some(out)
+}
+
+/// One launch on `out`, then cubecl's queue is handed on (`FlushPolicy`), as the cube GEMM's.
+fn launch<R: CubeRuntime>(
+    client: &ComputeClient<CudaRuntime>,
+    gemm: HopperGemm,
+    [lhs, rhs]: [&CubeTensor<R>; 2],
+    table: &[u32],
+    out: &CubeTensor<R>,
+    count: CubeCount,
+) {
+    let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let table = client.create_from_slice(&bytes);
+    let mut arguments = KernelArguments::new();
+    arguments.buffers =
+        vec![lhs.handle.clone().binding(), rhs.handle.clone().binding(), table.binding(), out.handle.clone().binding()];
+    let task = WgmmaTask { gemm, source: gemm.source(), client: client.clone() };
+    client.launch(Box::new(task), count, arguments);
+    if FlushPolicy::current().flushes_launches() {
+        DeviceHandle::<R::Server>::new(lhs.device.to_id()).flush_queue();
+    }
+}
+
+/// The compile step cubecl runs once per variant: the shared-memory shell's compiled form
+/// with the `wgmma` kernel's text and entry point.
+struct WgmmaTask {
+    gemm: HopperGemm,
+    source: String,
+    client: ComputeClient<CudaRuntime>,
+}
+
+impl KernelMetadata for WgmmaTask {
+    fn id(&self) -> KernelId {
+        // The text itself keys the compiled-kernel cache, so an edited kernel never meets a
+        // stale entry.
+        KernelId::new::<Self>().cube_dim(CubeDim::new_1d(THREADS)).info(self.source.clone())
+    }
+
+    fn address_type(&self) -> StorageType {
+        AddressType::U32.unsigned_type()
+    }
+}
+
+impl CubeTask<CudaCompiler> for WgmmaTask {
+    fn compile(
+        &self,
+        compiler: &mut CudaCompiler,
+        options: &<CudaCompiler as Compiler>::CompilationOptions,
+        mode: ExecutionMode,
+        address_type: StorageType,
+    ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
+        let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(THREADS));
+        let words = self.gemm.shared_bytes().div_ceil(4);
+        let shell = wgmma_shared::WgmmaShared::<CudaRuntime>::new(settings, self.client.clone(), words);
+        let mut compiled = KernelTask::<CudaCompiler, _>::new(shell).compile(compiler, options, mode, address_type)?;
+        compiled.source = self.source.clone();
+        compiled.entrypoint_name = self.gemm.name();
+        Ok(compiled)
+    }
+}
+
+/// Declares `words` u32 of shared memory and nothing else of note: its compiled form tells
+/// cubecl how much dynamic shared memory the `wgmma` kernel launches with.
+#[cube(launch)]
+fn wgmma_shared(#[comptime] words: usize) {
+    let mut smem = SharedMemory::<u32>::new(words);
+    smem[UNIT_POS as usize] = UNIT_POS;
+}
