@@ -242,7 +242,7 @@ impl<B: MoeBackend> MoeLayer<B> {
     /// [`MoeLayer::route`] on the flattened input `[batch * seq, d]` of `dims`.
     fn route_flat(&self, flat: Tensor<B, 2>, dims: [usize; 3]) -> MoeAux<B> {
         let dtype = flat.dtype();
-        let routing = self.router.forward_with(flat, B::moe_select_experts, B::moe_expert_counts);
+        let routing = self.router.forward_with(flat, B::moe_gate, B::moe_expert_counts);
         let weighted = |alpha: f64| (alpha > 0.0).then_some(alpha);
         // Computed in f32 with the router; handed back in the model's dtype so they add to
         // its loss.

@@ -50,7 +50,7 @@ pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
-use moe_router::Selection;
+use moe_router::{GateRule, Gated, Selection};
 
 /// The MoE operations a backend may specialise. Every method has a portable default.
 ///
@@ -80,6 +80,14 @@ pub trait MoeBackend: Backend {
     /// must return exactly [`Selection::select`]'s ids, which is the default.
     fn moe_select_experts(choice: Tensor<Self, 2>, selection: &Selection) -> Tensor<Self, 2, Int> {
         selection.select(choice)
+    }
+
+    /// The router's gate on its logits `[T, E]` and selection bias `[E]` (both f32): what
+    /// [`GateRule::apply`] returns, with exactly its ids. The default is that, selecting with
+    /// [`MoeBackend::moe_select_experts`]; a backend may run the whole gate as one kernel where
+    /// no gradient is tracked.
+    fn moe_gate(logits: Tensor<Self, 2>, bias: Tensor<Self, 1>, rule: &GateRule) -> Gated<Self> {
+        rule.apply(logits, bias, Self::moe_select_experts)
     }
 
     /// Pairs per expert of `expert_ids` `[T, K]` (ids in `0..num_experts`): the router's

@@ -446,6 +446,76 @@ fn check_selection<R: CubeRuntime>(device: &R::Device) {
     }
 }
 
+/// The sigmoid gate kernel (through the backend's `moe_gate`, which takes it for sigmoid
+/// scores) against the portable gate (`GateRule::apply` on NdArray): the ids exactly, scores
+/// and weights to f32 rounding, with and without groups, normalisation and scale, on logits
+/// with NaN and infinities and a bias that changes the choice.
+fn check_gate<R: CubeRuntime>(device: &R::Device) {
+    use burn::backend::NdArray;
+    use moe_router::{GateRule, ScoreFunction, Selection};
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("gate seed {seed}");
+    let mut rng = Lcg(seed);
+    let rule = |top_k, num_groups, topk_groups, normalize_weights, route_scale| GateRule {
+        score_function: ScoreFunction::Sigmoid,
+        selection: Selection { top_k, num_groups, topk_groups, group_score_topk: 2 },
+        normalize_weights,
+        route_scale,
+    };
+    let cases = [(64, rule(6, 1, 1, true, 1.0)), (256, rule(8, 8, 4, true, 2.5)), (16, rule(3, 4, 2, false, 0.5))];
+    for (experts, rule) in cases {
+        let tokens = 300;
+        let mut logits: Vec<f32> = rng.values(tokens * experts).into_iter().map(|v| v * 3.0).collect();
+        for (i, v) in logits.iter_mut().enumerate() {
+            match i % 41 {
+                5 => *v = f32::NAN,
+                9 => *v = f32::INFINITY,
+                13 => *v = f32::NEG_INFINITY,
+                _ => {}
+            }
+        }
+        let bias: Vec<f32> = rng.values(experts).into_iter().map(|v| v * 0.1).collect();
+        let (logits, bias) = (TensorData::new(logits, [tokens, experts]), TensorData::new(bias, [experts]));
+        let cpu = Default::default();
+        let expected = rule.apply(
+            Tensor::<NdArray, 2>::from_data(logits.clone(), &cpu),
+            Tensor::<NdArray, 1>::from_data(bias.clone(), &cpu),
+            |choice, selection| selection.select(choice),
+        );
+        let got = <Backend<R> as MoeBackend>::moe_gate(
+            Tensor::from_data(logits, device),
+            Tensor::from_data(bias, device),
+            &rule,
+        );
+        let ids = |d: TensorData| d.iter::<i64>().collect::<Vec<_>>();
+        let (got_ids, expected_ids) = (ids(got.expert_ids.into_data()), ids(expected.expert_ids.into_data()));
+        assert_eq!(got_ids, expected_ids, "{experts} experts, {rule:?}: ids");
+        let floats = |d: TensorData| d.iter::<f32>().map(f64::from).collect::<Vec<_>>();
+        for (name, out, reference) in [
+            ("scores", floats(got.scores.into_data()), floats(expected.scores.into_data())),
+            ("weights", floats(got.weights.into_data()), floats(expected.weights.into_data())),
+        ] {
+            // NaN rows stay NaN in both; the rest agree to f32 rounding.
+            let nan_in = |v: &[f64]| v.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+            assert_eq!(nan_in(&out), nan_in(&reference), "{experts} experts: {name} NaN positions");
+            let keep = |v: &[f64]| v.iter().copied().filter(|x| !x.is_nan()).collect::<Vec<_>>();
+            check(&format!("gate {experts} experts {name}"), &keep(&out), &keep(&reference), 1e-6);
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn gate_matches_the_portable_rule_on_wgpu() {
+    check_gate::<cubecl::wgpu::WgpuRuntime>(&Default::default());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gate_matches_the_portable_rule_on_cuda() {
+    check_gate::<cubecl::cuda::CudaRuntime>(&Default::default());
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn selection_matches_the_portable_rule_on_wgpu() {

@@ -76,41 +76,91 @@ impl RouterConfig {
     }
 }
 
-impl<B: Backend> TopKRouter<B> {
-    /// Routes `x` `[T, d]` (any float dtype; the math runs in f32), selecting by the portable
-    /// [`Selection::select`].
-    pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
-        self.forward_with(x, |choice, selection| selection.select(choice), count_experts)
-    }
+/// The gate after the logits: affinities, the bias-steered selection and the weights, the
+/// step a backend may run as one kernel (`moe_kernels`' `moe_gate`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GateRule {
+    /// Sigmoid (DeepSeek-V3) or softmax affinities.
+    pub score_function: ScoreFunction,
+    /// K and the group limit.
+    pub selection: Selection,
+    /// Weights normalised over the K chosen.
+    pub normalize_weights: bool,
+    /// Factor on the weights.
+    pub route_scale: f64,
+}
 
-    /// [`TopKRouter::forward`] with other implementations of the selection and the count
-    /// (`moe_kernels` passes a backend's kernels): `select` gets the biased scores `[T, E]`
-    /// (f32, detached) and must return what [`Selection::select`] returns; `count` gets the
-    /// chosen ids `[T, K]` and `E` and returns the pairs per expert `[E]`.
-    pub fn forward_with(
+/// What the gate returns for `T` tokens.
+#[derive(Debug, Clone)]
+pub struct Gated<B: Backend> {
+    /// `[T, E]` f32 unbiased affinities.
+    pub scores: Tensor<B, 2>,
+    /// `[T, K]` chosen experts, best first.
+    pub expert_ids: Tensor<B, 2, Int>,
+    /// `[T, K]` f32 weights of the chosen experts.
+    pub weights: Tensor<B, 2>,
+}
+
+impl GateRule {
+    /// The gate on tensor ops, on the logits `[T, E]` (f32) and the bias `[E]` (f32): `select`
+    /// gets the biased scores (detached) and must return what [`Selection::select`] returns.
+    pub fn apply<B: Backend>(
         &self,
-        x: Tensor<B, 2>,
+        logits: Tensor<B, 2>,
+        bias: Tensor<B, 1>,
         select: impl FnOnce(Tensor<B, 2>, &Selection) -> Tensor<B, 2, Int>,
-        count: impl FnOnce(Tensor<B, 2, Int>, usize) -> Tensor<B, 1, Int>,
-    ) -> Routing<B> {
-        let logits = x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose());
+    ) -> Gated<B> {
         let scores = match self.score_function {
-            ScoreFunction::Sigmoid => activation::sigmoid(logits.clone()),
-            ScoreFunction::Softmax => activation::softmax(logits.clone(), 1),
+            ScoreFunction::Sigmoid => activation::sigmoid(logits),
+            ScoreFunction::Softmax => activation::softmax(logits, 1),
         };
         let experts = scores.dims()[1];
         // Selection is discrete: it sees the bias and carries no gradient.
-        let choice = scores.clone().detach() + self.bias.val().detach().cast(FloatDType::F32).reshape([1, experts]);
-        let expert_ids = select(choice, &self.selection());
+        let choice = scores.clone().detach() + bias.detach().reshape([1, experts]);
+        let expert_ids = select(choice, &self.selection);
         let mut weights = scores.clone().gather(1, expert_ids.clone());
         if self.normalize_weights {
             // 1e-20 as in the reference: keeps an all-zero row finite.
             let total = weights.clone().sum_dim(1).add_scalar(1e-20);
             weights = weights.div(total);
         }
-        let weights = weights.mul_scalar(self.route_scale);
+        Gated { scores, expert_ids, weights: weights.mul_scalar(self.route_scale) }
+    }
+}
+
+impl<B: Backend> TopKRouter<B> {
+    /// Routes `x` `[T, d]` (any float dtype; the math runs in f32), selecting by the portable
+    /// [`Selection::select`].
+    pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
+        self.forward_with(x, |logits, bias, rule| rule.apply(logits, bias, |c, s| s.select(c)), count_experts)
+    }
+
+    /// [`TopKRouter::forward`] with other implementations of the gate and the count
+    /// (`moe_kernels` passes a backend's kernels): `gate` gets the logits `[T, E]` and the
+    /// bias `[E]` (both f32) and must return what [`GateRule::apply`] returns; `count` gets the
+    /// chosen ids `[T, K]` and `E` and returns the pairs per expert `[E]`.
+    pub fn forward_with(
+        &self,
+        x: Tensor<B, 2>,
+        gate: impl FnOnce(Tensor<B, 2>, Tensor<B, 1>, &GateRule) -> Gated<B>,
+        count: impl FnOnce(Tensor<B, 2, Int>, usize) -> Tensor<B, 1, Int>,
+    ) -> Routing<B> {
+        let logits = x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose());
+        let experts = logits.dims()[1];
+        let bias = self.bias.val().detach().cast(FloatDType::F32);
+        let Gated { scores, expert_ids, weights } = gate(logits.clone(), bias, &self.gate_rule());
         let counts = count(expert_ids.clone(), experts);
         Routing { expert_ids, weights, scores, logits, counts }
+    }
+
+    /// The gate's rule: score function, selection, normalisation and scale.
+    pub fn gate_rule(&self) -> GateRule {
+        GateRule {
+            score_function: self.score_function,
+            selection: self.selection(),
+            normalize_weights: self.normalize_weights,
+            route_scale: self.route_scale,
+        }
     }
 
     /// K and the group limit, as the selection takes them.

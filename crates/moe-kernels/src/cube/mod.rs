@@ -40,7 +40,7 @@ use kernel::{
     count_experts, gather_rows, grouped_gemm, pair_dots, place_pairs, place_rows, scan_experts,
 };
 
-use moe_router::Selection;
+use moe_router::{GateRule, Gated, ScoreFunction, Selection};
 use pipelined::{CHUNK, Pipeline, grouped_gemm_pipelined};
 
 use crate::{
@@ -106,6 +106,14 @@ pub trait MoeCubeKernels: Backend {
     /// [`Selection::select`] on `choice` `[T, E]` (f32): the ids `[T, K]`, exactly the
     /// portable ones.
     fn select_experts(choice: FloatTensor<Self>, selection: &Selection) -> IntTensor<Self>;
+
+    /// The sigmoid gate on `logits` `[T, E]` and `bias` `[E]` (f32): scores `[T, E]`, ids
+    /// `[T, K]` and weights `[T, K]`, as `GateRule::apply` computes them.
+    fn gate_experts(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        rule: &GateRule,
+    ) -> (FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>);
 
     /// Whether the grouped products of `dtype` tensors on `device` run on tensor cores.
     fn tensor_cores(dtype: DType, device: &Self::Device) -> bool;
@@ -299,6 +307,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
 
     fn select_experts(choice: CubeTensor<R>, selection: &Selection) -> CubeTensor<R> {
         select::launch_select(choice, selection, I::dtype())
+    }
+
+    fn gate_experts(
+        logits: CubeTensor<R>,
+        bias: CubeTensor<R>,
+        rule: &GateRule,
+    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        select::launch_gate(logits, bias, rule, I::dtype())
     }
 
     fn tensor_cores(dtype: DType, device: &R::Device) -> bool {
@@ -625,6 +641,22 @@ macro_rules! cube_moe_methods {
             Tensor::from_primitive(Self::select_experts(choice, selection))
         }
 
+        // One kernel for the sigmoid gate (ten tensor ops otherwise, each an operation
+        // burn-fusion's thread works through); softmax keeps the ops.
+        fn moe_gate(logits: Tensor<Self, 2>, bias: Tensor<Self, 1>, rule: &GateRule) -> Gated<Self> {
+            if !kernels_enabled() || rule.score_function != ScoreFunction::Sigmoid {
+                return rule.apply(logits, bias, Self::moe_select_experts);
+            }
+            let f32 = burn::tensor::FloatDType::F32;
+            let (scores, ids, weights) =
+                Self::gate_experts(float_primitive(logits.cast(f32)), float_primitive(bias.cast(f32)), rule);
+            Gated {
+                scores: float_tensor(scores),
+                expert_ids: Tensor::from_primitive(ids),
+                weights: float_tensor(weights),
+            }
+        }
+
         fn moe_expert_counts(expert_ids: Tensor<Self, 2, Int>, num_experts: usize) -> Tensor<Self, 1, Int> {
             if !kernels_enabled() {
                 return moe_router::count_experts(expert_ids, num_experts);
@@ -743,6 +775,8 @@ enum Kernel {
     Scan(usize),
     /// Inputs: biased scores (f32); the output is int.
     Select(Selection),
+    /// Inputs: logits, bias (f32); outputs scores (f32), ids (int), weights (f32).
+    Gate(GateRule),
     /// Inputs: ids (int), over this many experts; the output is int.
     Count(usize),
     /// Inputs: row of each pair (int), values (float), into this many rows.
@@ -762,6 +796,7 @@ impl Kernel {
             Self::PairDots(_) => "moe_pair_dots",
             Self::Scan(_) => "moe_scan_experts",
             Self::Select(_) => "moe_select_experts",
+            Self::Gate(_) => "moe_gate",
             Self::Count(_) => "moe_count_experts",
             Self::Place(_) => "moe_place_pairs",
             Self::PlaceRows { .. } => "moe_place_rows",
@@ -806,6 +841,12 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
             Kernel::Select(selection) => {
                 let ids = B::select_experts(float(handles, 0), selection);
                 return handles.register_int_tensor::<B>(&out, ids);
+            }
+            Kernel::Gate(rule) => {
+                let (scores, ids, weights) = B::gate_experts(float(handles, 0), float(handles, 1), rule);
+                handles.register_float_tensor::<B>(&out, scores);
+                handles.register_int_tensor::<B>(&self.desc.outputs[1].id, ids);
+                return handles.register_float_tensor::<B>(&self.desc.outputs[2].id, weights);
             }
             Kernel::Count(experts) => {
                 let counts = B::count_experts(int(handles, 0), *experts);
@@ -931,6 +972,22 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
             shape,
             Some(<B::IntElem as burn::tensor::Element>::dtype()),
         )
+    }
+
+    fn gate_experts(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        rule: &GateRule,
+    ) -> (FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>) {
+        let [tokens, experts] = [logits.shape[0], logits.shape[1]];
+        let top_k = rule.selection.top_k;
+        let outputs = [
+            (Shape::new([tokens, experts]), DType::F32),
+            (Shape::new([tokens, top_k]), <B::IntElem as burn::tensor::Element>::dtype()),
+            (Shape::new([tokens, top_k]), DType::F32),
+        ];
+        let [scores, ids, weights] = fused_outputs::<B, 3>(Kernel::Gate(*rule), vec![logits, bias], outputs);
+        (scores, ids, weights)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The router's expert selection as one kernel: what `moe_router::Selection::select` computes
 //! with about ten tensor ops per chosen expert (and as many again per group), here one unit per
-//! token in one pass over its scores (two with groups).
+//! token in one pass over its scores (two with groups). The gate kernel does the whole sigmoid
+//! gate around it (scores, selection, weights), which the portable gate runs as ten tensor ops.
 //!
 //! It must return exactly the portable ids: NaN counts as `-inf`, ties go to the lower id (of
 //! experts and of groups), a group's score is the sum of its `group_score_topk` largest
@@ -13,7 +14,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use moe_router::Selection;
+use moe_router::{GateRule, Selection};
 
 /// The selection's comptime parameters (one kernel per router shape).
 #[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -72,10 +73,21 @@ fn insert(list: &mut TopList, valid: u32, value: f32, id: u32, #[comptime] n: us
     }
 }
 
-/// The score at `index` as (valid, value): NaN and `-inf` are invalid.
+/// The logistic function, as the portable gate's `sigmoid`.
 #[cube]
-fn score(choice: &Tensor<f32>, index: usize) -> (u32, f32) {
-    let v = choice[index];
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + f32::exp(-v))
+}
+
+/// The biased score of expert `e` at `index` as (valid, value): `source` holds the biased
+/// scores themselves, or with `gated` the logits, whose score is `sigmoid(logit) + bias[e]`.
+/// NaN and `-inf` are invalid.
+#[cube]
+fn score(source: &Tensor<f32>, bias: &Tensor<f32>, index: usize, e: usize, #[comptime] gated: bool) -> (u32, f32) {
+    let mut v = source[index];
+    if comptime!(gated) {
+        v = sigmoid(v) + bias[e];
+    }
     let mut valid = 1u32;
     let mut value = v;
     if v.is_nan() || (v.is_inf() && v < 0.0) {
@@ -85,21 +97,18 @@ fn score(choice: &Tensor<f32>, index: usize) -> (u32, f32) {
     (valid, value)
 }
 
-/// `ids[t, 0..K]` = the experts of token `t`'s row of `choice` `[T, E]`, best first.
-#[cube(launch)]
-fn select_experts<I: Int>(
-    choice: &Tensor<f32>,
-    ids: &mut Tensor<I>,
+/// Token `t`'s experts, best first, from its row of `source` `[T, E]` (see [`score`]).
+#[cube]
+fn select_row(
+    source: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    t: usize,
     #[comptime] spec: SelectSpec,
-    #[define(I)] _dtype: StorageType,
-) {
-    let t = ABSOLUTE_POS;
-    if t >= choice.shape(0) {
-        terminate!();
-    }
-    let experts = choice.shape(1);
-    let row = t * choice.stride(0);
-    let step = choice.stride(1);
+    #[comptime] gated: bool,
+) -> TopList {
+    let experts = source.shape(1);
+    let row = t * source.stride(0);
+    let step = source.stride(1);
     let top_k = comptime!(spec.top_k);
     let num_groups = comptime!(spec.num_groups);
     let per_group = experts / num_groups;
@@ -119,7 +128,8 @@ fn select_experts<I: Int>(
             // the sum is `-inf` (invalid) unless all of them are valid.
             let mut top = top_list(per_group as u32, group_topk);
             for j in 0..per_group {
-                let (valid, value) = score(choice, row + (g * per_group + j) * step);
+                let e = g * per_group + j;
+                let (valid, value) = score(source, bias, row + e * step, e, gated);
                 insert(&mut top, valid, value, j as u32, group_topk);
             }
             let mut sum = 0.0f32;
@@ -143,17 +153,135 @@ fn select_experts<I: Int>(
 
     let mut top = top_list(experts as u32, top_k);
     for e in 0..experts {
-        let (mut valid, mut value) = score(choice, row + e * step);
+        let (mut valid, mut value) = score(source, bias, row + e * step, e, gated);
         if kept[e / per_group] == 0 {
             valid = 0;
             value = 0.0;
         }
         insert(&mut top, valid, value, e as u32, top_k);
     }
+    top
+}
+
+/// `ids[t, 0..K]` = the experts of token `t`'s row of `choice` `[T, E]`, best first.
+#[cube(launch)]
+fn select_experts<I: Int>(
+    choice: &Tensor<f32>,
+    ids: &mut Tensor<I>,
+    #[comptime] spec: SelectSpec,
+    #[define(I)] _dtype: StorageType,
+) {
+    let t = ABSOLUTE_POS;
+    if t >= choice.shape(0) {
+        terminate!();
+    }
+    // `choice` stands in for the bias, which the ungated read never touches.
+    let top = select_row(choice, choice, t, spec, false);
+    let top_k = comptime!(spec.top_k);
     #[unroll]
     for s in 0..top_k {
         ids[t * top_k + s] = I::cast_from(top.ids[s]);
     }
+}
+
+/// The whole sigmoid gate for token `t` in one pass: `scores[t]` = sigmoid of its logits
+/// `[E]`, `ids[t]` = the selection on scores plus `bias`, `weights[t]` = the chosen unbiased
+/// scores (over their sum plus 1e-20 when `normalize`), times `scale`. The same arithmetic, in
+/// the same order, as the portable `GateRule::apply`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn gate_experts<I: Int>(
+    logits: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    scores: &mut Tensor<f32>,
+    ids: &mut Tensor<I>,
+    weights: &mut Tensor<f32>,
+    scale: f32,
+    #[comptime] spec: SelectSpec,
+    #[comptime] normalize: bool,
+    #[define(I)] _dtype: StorageType,
+) {
+    let t = ABSOLUTE_POS;
+    if t >= logits.shape(0) {
+        terminate!();
+    }
+    let experts = logits.shape(1);
+    let (row, step) = (t * logits.stride(0), logits.stride(1));
+    for e in 0..experts {
+        scores[t * experts + e] = sigmoid(logits[row + e * step]);
+    }
+    let top = select_row(logits, bias, t, spec, true);
+    let top_k = comptime!(spec.top_k);
+    let mut chosen = Array::<f32>::new(top_k);
+    let mut total = 0.0f32;
+    #[unroll]
+    for s in 0..top_k {
+        let id = top.ids[s] as usize;
+        chosen[s] = sigmoid(logits[row + id * step]);
+        total += chosen[s];
+        ids[t * top_k + s] = I::cast_from(top.ids[s]);
+    }
+    #[unroll]
+    for s in 0..top_k {
+        let mut w = chosen[s];
+        if comptime!(normalize) {
+            w /= total + 1e-20;
+        }
+        weights[t * top_k + s] = w * scale;
+    }
+}
+
+/// The selection's comptime parameters for `selection`.
+fn spec_of(selection: &Selection) -> SelectSpec {
+    SelectSpec {
+        top_k: selection.top_k,
+        num_groups: selection.num_groups.max(1),
+        topk_groups: selection.topk_groups,
+        group_score_topk: selection.group_score_topk,
+    }
+}
+
+/// A grid of one unit per token.
+fn token_cubes(tokens: usize) -> CubeCount {
+    let cubes = tokens.div_ceil(SELECT_UNITS as usize) as u32;
+    let x = cubes.min(32768);
+    CubeCount::Static(x, cubes.div_ceil(x), 1)
+}
+
+/// Launches the sigmoid gate on `logits` `[T, E]` and `bias` `[E]` (f32): (scores `[T, E]`,
+/// ids `[T, K]` in `int_dtype`, weights `[T, K]`).
+pub(crate) fn launch_gate<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    bias: CubeTensor<R>,
+    rule: &GateRule,
+    int_dtype: burn::tensor::DType,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let [tokens, experts] = [logits.meta.shape()[0], logits.meta.shape()[1]];
+    let top_k = rule.selection.top_k;
+    let (client, device) = (logits.client.clone(), logits.device.clone());
+    let f32_out = |shape: [usize; 2]| {
+        empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new(shape), burn::tensor::DType::F32)
+    };
+    let (scores, weights) = (f32_out([tokens, experts]), f32_out([tokens, top_k]));
+    let ids = empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([tokens, top_k]), int_dtype);
+    if tokens == 0 || top_k == 0 {
+        return (scores, ids, weights);
+    }
+    gate_experts::launch(
+        &client,
+        token_cubes(tokens),
+        CubeDim::new_1d(SELECT_UNITS),
+        logits.into_tensor_arg(),
+        into_contiguous(bias).into_tensor_arg(),
+        scores.clone().into_tensor_arg(),
+        ids.clone().into_tensor_arg(),
+        weights.clone().into_tensor_arg(),
+        rule.route_scale as f32,
+        spec_of(&rule.selection),
+        rule.normalize_weights,
+        int_dtype.into(),
+    );
+    (scores, ids, weights)
 }
 
 /// Launches the selection on `choice` (`[T, E]`, f32); the ids come out in `int_dtype`.
@@ -173,22 +301,14 @@ pub(crate) fn launch_select<R: CubeRuntime>(
         return out;
     }
     let choice = into_contiguous(choice);
-    let spec = SelectSpec {
-        top_k: selection.top_k,
-        num_groups: selection.num_groups.max(1),
-        topk_groups: selection.topk_groups,
-        group_score_topk: selection.group_score_topk,
-    };
-    let cubes = tokens.div_ceil(SELECT_UNITS as usize) as u32;
-    let x = cubes.min(32768);
     let client = choice.client.clone();
     select_experts::launch(
         &client,
-        CubeCount::Static(x, cubes.div_ceil(x), 1),
+        token_cubes(tokens),
         CubeDim::new_1d(SELECT_UNITS),
         choice.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        spec,
+        spec_of(selection),
         int_dtype.into(),
     );
     out
