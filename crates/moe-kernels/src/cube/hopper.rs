@@ -56,13 +56,7 @@ pub fn launch_rows_wgmma<R: CubeRuntime>(
     let header = header(&[k, n, rs[0], ws[0], b_ld])?;
     let out =
         empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), Shape::new([total, n]), rows.dtype);
-    let mut tiles = Vec::new();
-    let mut start = 0;
-    for (expert, &count) in segment_rows.iter().enumerate() {
-        let end = start + count;
-        tiles.extend((start..end).step_by(TILE_M).flat_map(|first| [expert as u32, first as u32, end as u32]));
-        start = end;
-    }
+    let tiles = super::row_tiles(segment_rows, TILE_M);
     if tiles.is_empty() || n == 0 {
         return Some(out);
     }

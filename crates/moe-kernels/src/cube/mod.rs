@@ -450,13 +450,7 @@ pub fn launch_rows<R: CubeRuntime>(
     let cmma = tensor_cores(&rows);
     let tiling = tiling(cmma);
     let tile_m = tiling.tile_m;
-    let mut table = Vec::new();
-    let mut start = 0;
-    for (expert, &count) in segment_rows.iter().enumerate() {
-        let end = start + count;
-        table.extend((start..end).step_by(tile_m).flat_map(|first| [expert as u32, first as u32, end as u32]));
-        start = end;
-    }
+    let table = row_tiles(segment_rows, tile_m);
     if table.is_empty() || n == 0 {
         return out;
     }
@@ -476,6 +470,18 @@ pub fn launch_rows<R: CubeRuntime>(
         launch_gemm(&rows, &weights, u32_tensor(&rows, chunk), &out, count, MODE_ROWS, tiling, pipe);
     }
     out
+}
+
+/// The row-tile table of packed segments: (expert, first row, segment end) per `tile_m` rows.
+fn row_tiles(segment_rows: &[usize], tile_m: usize) -> Vec<u32> {
+    let mut table = Vec::new();
+    let mut start = 0;
+    for (expert, &count) in segment_rows.iter().enumerate() {
+        let end = start + count;
+        table.extend((start..end).step_by(tile_m).flat_map(|first| [expert as u32, first as u32, end as u32]));
+        start = end;
+    }
+    table
 }
 
 /// The weight-gradient launch: one cube per (column block, row block, expert).
