@@ -131,7 +131,7 @@ fn cuda_client<R: CubeRuntime>(operands: [&CubeTensor<R>; 2]) -> Option<ComputeC
 /// `MOE_WGMMA=off` runs the cube kernels instead, for before/after measurements; any other
 /// value, or none, keeps the Hopper kernel.
 fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("MOE_WGMMA").map_or(true, |v| v != "off"))
 }
 
