@@ -9,6 +9,9 @@
 
 use std::sync::OnceLock;
 
+use burn_backend::{Device as _, DeviceHandle};
+use burn_cubecl::CubeRuntime;
+
 /// Which queues the kernels flush (`MOE_FLUSH`: `off`, `fusion`, `all`; `all` by default; the
 /// others are for before/after measurements).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,5 +49,13 @@ impl FlushPolicy {
     /// Whether a GEMM launch hands cubecl's queue on to its thread.
     pub fn flushes_launches(self) -> bool {
         self == Self::All
+    }
+}
+
+/// After a GEMM launch on `device`: hands cubecl's queue on to its thread when the policy says
+/// so, through the queue's handle (`ComputeClient::flush` would also wait for that thread).
+pub(crate) fn hand_on_launches<R: CubeRuntime>(device: &R::Device) {
+    if FlushPolicy::current().flushes_launches() {
+        DeviceHandle::<R::Server>::new(device.to_id()).flush_queue();
     }
 }

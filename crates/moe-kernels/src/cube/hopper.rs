@@ -16,7 +16,6 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::tensor::{DType, Shape};
-use burn_backend::{Device as _, DeviceHandle};
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -26,9 +25,10 @@ use cubecl::prelude::*;
 use cubecl::server::KernelArguments;
 use cubecl::{CompilationError, Compiler, CubeTask};
 
-use super::flush::FlushPolicy;
+use super::flush::hand_on_launches;
 use super::hopper_source::{HEADER, HopperGemm, THREADS, TILE_M};
 use super::pipelined::CHUNK;
+use super::{RowsLayout, row_tiles, rows_layout, u32_tensor, weight_grad_aligned};
 
 /// Output columns of one cube and shared-memory stages: the best of a sweep on the H200
 /// (docs/performance.md, eighth measurement).
@@ -45,10 +45,9 @@ pub fn launch_rows_wgmma<R: CubeRuntime>(
     let [total, k] = rows.meta.shape()[..] else { return None };
     let [_, _, n] = weights.meta.shape()[..] else { return None };
     let (rs, ws) = (rows.meta.strides(), weights.meta.strides());
-    let b_depth_contiguous = ws[2] != 1;
-    let b_ok = if b_depth_contiguous { ws[1] == 1 && eighth(ws[2]) } else { eighth(ws[1]) };
-    let aligned = rs[1] == 1 && eighth(rs[0]) && eighth(k) && eighth(n) && eighth(ws[0]) && b_ok;
-    if !aligned {
+    let RowsLayout { aligned, b_depth_contiguous } = rows_layout(rows, weights);
+    // The epilogue stores whole 16-byte chunks of output rows, whatever the weights' layout.
+    if !aligned || !n.is_multiple_of(CHUNK) {
         return None;
     }
     let client = cuda_client([rows, weights])?;
@@ -56,7 +55,7 @@ pub fn launch_rows_wgmma<R: CubeRuntime>(
     let header = header(&[k, n, rs[0], ws[0], b_ld])?;
     let out =
         empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), Shape::new([total, n]), rows.dtype);
-    let tiles = super::row_tiles(segment_rows, TILE_M);
+    let tiles = row_tiles(segment_rows, TILE_M);
     if tiles.is_empty() || n == 0 {
         return Some(out);
     }
@@ -83,9 +82,8 @@ pub fn launch_weight_grad_wgmma<R: CubeRuntime>(
     let [_, a] = rows.meta.shape()[..] else { return None };
     let [_, b] = grad.meta.shape()[..] else { return None };
     let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
-    let aligned = rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], a, b].into_iter().all(eighth);
     let experts = segment_rows.len();
-    if !aligned || experts == 0 || a == 0 || b == 0 {
+    if !weight_grad_aligned(rows, grad) || experts == 0 || a == 0 || b == 0 {
         return None;
     }
     let client = cuda_client([rows, grad])?;
@@ -135,10 +133,6 @@ fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("MOE_WGMMA").map_or(true, |v| v != "off"))
 }
 
-fn eighth(v: usize) -> bool {
-    v.is_multiple_of(CHUNK)
-}
-
 /// The table's header: sizes and strides as u32 (`None` when one does not fit).
 fn header(values: &[usize]) -> Option<[u32; HEADER]> {
     let mut out = [0u32; HEADER];
@@ -157,17 +151,13 @@ fn launch<R: CubeRuntime>(
     out: &CubeTensor<R>,
     count: CubeCount,
 ) {
-    let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let table = client.create_from_slice(&bytes);
+    let table = u32_tensor(lhs, table);
     let mut arguments = KernelArguments::new();
-    arguments.buffers =
-        vec![lhs.handle.clone().binding(), rhs.handle.clone().binding(), table.binding(), out.handle.clone().binding()];
+    arguments.buffers = [lhs, rhs, &table, out].map(|t| t.handle.clone().binding()).to_vec();
     let (source, text_hash) = source_of(gemm);
     let task = WgmmaTask { gemm, source, text_hash, client: client.clone() };
     client.launch(Box::new(task), count, arguments);
-    if FlushPolicy::current().flushes_launches() {
-        DeviceHandle::<R::Server>::new(lhs.device.to_id()).flush_queue();
-    }
+    hand_on_launches::<R>(&lhs.device);
 }
 
 /// The compile step cubecl runs once per variant: the shared-memory shell's compiled form

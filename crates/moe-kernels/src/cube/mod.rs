@@ -24,7 +24,6 @@ pub use hopper::{launch_rows_wgmma, launch_weight_grad_wgmma};
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Shape, Tensor, backend::Backend};
-use burn_backend::{Device as _, DeviceHandle};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
@@ -454,13 +453,7 @@ pub fn launch_rows<R: CubeRuntime>(
     if table.is_empty() || n == 0 {
         return out;
     }
-    let k = rows.meta.shape()[1];
-    let (ws, rs) = (weights.meta.strides(), rows.meta.strides());
-    let eighth = |v: usize| v.is_multiple_of(CHUNK);
-    // Each operand is copied in 8-element chunks along its contiguous axis.
-    let b_depth_contiguous = ws[2] != 1;
-    let b_ok = if b_depth_contiguous { ws[1] == 1 && eighth(ws[2]) } else { eighth(ws[1]) && eighth(n) };
-    let aligned = rs[1] == 1 && eighth(rs[0]) && eighth(k) && eighth(ws[0]) && b_ok;
+    let RowsLayout { aligned, b_depth_contiguous } = rows_layout(&rows, &weights);
     let pipe = pipeline([&rows, &weights], tiling, aligned, MODE_ROWS, b_depth_contiguous, n);
     let n_blocks = n.div_ceil(tiling.tile_n) as u32;
     // Row tiles run along y; a device's y limit (65535) splits very long tables.
@@ -470,6 +463,31 @@ pub fn launch_rows<R: CubeRuntime>(
         launch_gemm(&rows, &weights, u32_tensor(&rows, chunk), &out, count, MODE_ROWS, tiling, pipe);
     }
     out
+}
+
+/// How the operands of a rows-times-weights product lie in memory.
+struct RowsLayout {
+    /// Every operand is copied whole in 8-element chunks along its contiguous axis: contiguous
+    /// rows, widths and strides in multiples of 8.
+    aligned: bool,
+    /// The weights' depth is contiguous (the transposed view of the row gradient).
+    b_depth_contiguous: bool,
+}
+
+fn rows_layout<R: CubeRuntime>(rows: &CubeTensor<R>, weights: &CubeTensor<R>) -> RowsLayout {
+    let (rs, ws) = (rows.meta.strides(), weights.meta.strides());
+    let (k, n) = (rows.meta.shape()[1], weights.meta.shape()[2]);
+    let eighth = |v: usize| v.is_multiple_of(CHUNK);
+    let b_depth_contiguous = ws[2] != 1;
+    let b_ok = if b_depth_contiguous { ws[1] == 1 && eighth(ws[2]) } else { eighth(ws[1]) && eighth(n) };
+    RowsLayout { aligned: rs[1] == 1 && eighth(rs[0]) && eighth(k) && eighth(ws[0]) && b_ok, b_depth_contiguous }
+}
+
+/// The weight gradient's operands are copied whole in 8-element chunks (as [`RowsLayout`]).
+fn weight_grad_aligned<R: CubeRuntime>(rows: &CubeTensor<R>, grad: &CubeTensor<R>) -> bool {
+    let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
+    let (a, b) = (rows.meta.shape()[1], grad.meta.shape()[1]);
+    rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], a, b].iter().all(|s| s.is_multiple_of(CHUNK))
 }
 
 /// The row-tile table of packed segments: (expert, first row, segment end) per `tile_m` rows.
@@ -511,8 +529,7 @@ pub fn launch_weight_grad<R: CubeRuntime>(
         .collect();
     let cmma = tensor_cores(&rows);
     let tiling = tiling(cmma);
-    let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
-    let aligned = rs[1] == 1 && gs[1] == 1 && [rs[0], gs[0], a, b].iter().all(|s| s.is_multiple_of(CHUNK));
+    let aligned = weight_grad_aligned(&rows, &grad);
     let pipe = pipeline([&rows, &grad], tiling, aligned, MODE_WEIGHTS, false, b);
     let count = CubeCount::Static(b.div_ceil(tiling.tile_n) as u32, a.div_ceil(tiling.tile_m) as u32, experts as u32);
     launch_gemm(&rows, &grad, u32_tensor(&rows, &offsets), &out, count, MODE_WEIGHTS, tiling, pipe);
@@ -561,10 +578,7 @@ fn launch_gemm<R: CubeRuntime>(
             lhs.dtype.into(),
         ),
     }
-    // Through the queue's handle: `ComputeClient::flush` would also wait for cubecl's thread.
-    if FlushPolicy::current().flushes_launches() {
-        DeviceHandle::<R::Server>::new(lhs.device.to_id()).flush_queue();
-    }
+    flush::hand_on_launches::<R>(&lhs.device);
 }
 
 /// The pipelined kernel's shape for a launch whose operand layouts allow it (`aligned`) on
