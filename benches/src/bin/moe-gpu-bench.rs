@@ -382,7 +382,7 @@ fn time_stages<B: GpuBackend>(args: &Args, device: &B::Device, t: usize) {
     if let Some(shared) = &layer.shared {
         // As the layer runs them, and on burn's matmul (the before of routing them through
         // the backend's dense product).
-        emit_stage("shared", time::<B, _>(device, s, || shared.forward_with(x.clone(), B::moe_dense_matmul)));
+        emit_stage("shared", time::<B, _>(device, s, || shared.forward_moe(x.clone())));
         emit_stage("shared_burn", time::<B, _>(device, s, || shared.forward(x.clone())));
     }
 }

@@ -180,22 +180,13 @@ impl<B: Backend> MoeLayer<B> {
         Ok((x.reshape([dims[0] * dims[1], dims[2]]), dims))
     }
 
-    /// The shared experts on `x`, if any, their products run by `matmul`.
-    fn shared_output(
-        &self,
-        x: Tensor<B, 2>,
-        matmul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
-    ) -> Option<Tensor<B, 2>> {
-        self.shared.as_ref().map(|shared| shared.forward_with(x, matmul))
-    }
-
     /// The per-expert loop version of [`MoeLayer::forward`] (dropless, no losses): the oracle
     /// and the bench baseline.
     pub fn forward_loop(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, MoeError> {
         let (flat, dims) = self.flatten(x)?;
         let routing = self.router.forward(flat.clone());
         let routed = self.experts.forward_loop(flat.clone(), routing.expert_ids, routing.weights);
-        Ok(plus(routed, self.shared_output(flat, Tensor::matmul)).reshape(dims))
+        Ok(plus(routed, self.shared.as_ref().map(|shared| shared.forward(flat))).reshape(dims))
     }
 }
 
@@ -206,7 +197,7 @@ impl<B: MoeBackend> MoeLayer<B> {
         let (flat, dims) = self.flatten(x)?;
         // The shared experts go first: they need no routing, so the device runs their GEMMs
         // while the host enqueues the router and waits at the plan's read of the counts.
-        let shared = self.shared_output(flat.clone(), B::moe_dense_matmul);
+        let shared = self.shared.as_ref().map(|shared| shared.forward_moe(flat.clone()));
         let mut aux = self.route_flat(flat.clone(), dims);
         let (limit, priority) = match self.capacity {
             CapacityConfig::Dropless => (CapacityLimit::Dropless, None),

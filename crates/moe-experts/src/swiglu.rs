@@ -2,6 +2,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
+use moe_kernels::MoeBackend;
 
 /// A bias-free SwiGLU MLP, `down(silu(x gate) * (x up))`: DeepSeek's dense MLP and its shared
 /// experts (S experts of width h are one SwiGlu of width S*h).
@@ -43,18 +44,27 @@ pub(crate) fn fan_in_uniform() -> Initializer {
 impl<B: Backend> SwiGlu<B> {
     /// `x` `[T, d]` -> `[T, d]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.forward_with(x, Tensor::matmul)
+        self.forward_with(x, Tensor::matmul, |g, u| silu(g) * u)
     }
 
-    /// [`SwiGlu::forward`] with its three products run by `matmul` (`[T, a] x [a, b]`), e.g.
-    /// a backend's own dense GEMM (`MoeBackend::moe_dense_matmul`).
+    /// [`SwiGlu::forward`] with its three products run by `matmul` (`[T, a] x [a, b]`) and
+    /// its activation by `silu_mul` (`silu(g) * u`), e.g. a backend's own kernels.
     pub fn forward_with(
         &self,
         x: Tensor<B, 2>,
         matmul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
+        silu_mul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
     ) -> Tensor<B, 2> {
         let g = matmul(x.clone(), self.gate.val());
         let u = matmul(x, self.up.val());
-        matmul(silu(g) * u, self.down.val())
+        matmul(silu_mul(g, u), self.down.val())
+    }
+}
+
+impl<B: MoeBackend> SwiGlu<B> {
+    /// [`SwiGlu::forward`] on the backend's MoE operations: `moe_dense_matmul` for the
+    /// products and `moe_silu_mul` for the activation (the shared experts beside the routed).
+    pub fn forward_moe(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.forward_with(x, B::moe_dense_matmul, B::moe_silu_mul)
     }
 }

@@ -1,6 +1,6 @@
-//! [`MoeBackend`] for `Autodiff`: the grouped matmul, the permute and the combine have their
-//! own backward, which runs on the inner backend's `MoeBackend` methods, so a backend's kernels
-//! serve the backward too.
+//! [`MoeBackend`] for `Autodiff`: the gate, the grouped matmul, the SwiGLU activation, the
+//! permute and the combine have their own backward, which runs on the inner backend's `MoeBackend` methods, so a
+//! backend's kernels serve the backward too.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -8,8 +8,9 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor};
-use moe_router::Selection;
+use moe_router::{GateRule, Gated, Selection};
 
 use crate::portable::swiglu_by_grouped_matmuls;
 use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor};
@@ -34,6 +35,34 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     // Ids carry no gradient: the inner backend selects on the untracked scores.
     fn moe_select_experts(choice: Tensor<Self, 2>, selection: &Selection) -> Tensor<Self, 2, Int> {
         Tensor::from_primitive(B::moe_select_experts(choice.inner(), selection).into_primitive())
+    }
+
+    // The inner backend's gate (one kernel on the cube backends) as two tracked outputs of the
+    // logits: burn's autodiff of `GateRule::apply` would track about ten operations each way,
+    // each a host dispatch. The scores' and the weights' gradients add up in the logits'.
+    fn moe_gate(logits: Tensor<Self, 2>, bias: Tensor<Self, 1>, rule: &GateRule) -> Gated<Self> {
+        let logits = logits.into_primitive().tensor();
+        let inner = B::moe_gate(float_tensor(logits.primitive.clone()), bias.inner(), rule);
+        let scores = float_primitive(inner.scores);
+        let tracked_scores = match GateScoresBackward.prepare::<C>([logits.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                prep.finish(GateScoresState { scores: scores.clone(), rule: *rule }, scores.clone())
+            }
+            OpsKind::UnTracked(prep) => prep.finish(scores.clone()),
+        };
+        let weights = float_primitive(inner.weights);
+        let tracked_weights = match GateWeightsBackward.prepare::<C>([logits.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let state = GateWeightsState { scores, expert_ids: inner.expert_ids.clone(), rule: *rule };
+                prep.finish(state, weights)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(weights),
+        };
+        Gated {
+            scores: float_tensor(tracked_scores),
+            expert_ids: Tensor::from_primitive(inner.expert_ids.into_primitive()),
+            weights: float_tensor(tracked_weights),
+        }
     }
 
     fn moe_expert_counts(expert_ids: Tensor<Self, 2, Int>, num_experts: usize) -> Tensor<Self, 1, Int> {
@@ -124,6 +153,24 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 }
                 OpsKind::UnTracked(prep) => prep.finish(output),
             };
+        float_tensor(output)
+    }
+
+    // One tracked operation with its own backward: burn's autodiff of `silu(g) * u` tracks
+    // the sigmoid's eight ops and three products, each a host dispatch both ways.
+    fn moe_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let gate = gate.into_primitive().tensor();
+        let up = up.into_primitive().tensor();
+        let output =
+            float_primitive(B::moe_silu_mul(float_tensor(gate.primitive.clone()), float_tensor(up.primitive.clone())));
+        let output = match SiluMulBackward.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = SiluMulState { gate: prep.checkpoint(&gate), up: prep.checkpoint(&up) };
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
         float_tensor(output)
     }
 
@@ -253,6 +300,82 @@ impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
         }
         if let Some(parent) = weights_parent {
             grads.register::<B>(parent.id, float_primitive(grad_weights));
+        }
+    }
+}
+
+/// The gate's scores: their gradient goes through the score function's derivative.
+#[derive(Debug)]
+struct GateScoresBackward;
+
+#[derive(Debug, Clone)]
+struct GateScoresState<B: MoeBackend> {
+    scores: FloatTensor<B>,
+    rule: GateRule,
+}
+
+impl<B: MoeBackend> Backward<B, 1> for GateScoresBackward {
+    type State = GateScoresState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
+        if let Some(parent) = parent {
+            let GateScoresState { scores, rule } = ops.state;
+            grads.register::<B>(parent.id, float_primitive(rule.scores_grad(float_tensor(scores), grad)));
+        }
+    }
+}
+
+/// The gate's weights: their gradient is the inner backend's `moe_gate_grad`.
+#[derive(Debug)]
+struct GateWeightsBackward;
+
+#[derive(Debug, Clone)]
+struct GateWeightsState<B: MoeBackend> {
+    scores: FloatTensor<B>,
+    expert_ids: Tensor<B, 2, Int>,
+    rule: GateRule,
+}
+
+impl<B: MoeBackend> Backward<B, 1> for GateWeightsBackward {
+    type State = GateWeightsState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
+        if let Some(parent) = parent {
+            let GateWeightsState { scores, expert_ids, rule } = ops.state;
+            let grad_logits = B::moe_gate_grad(float_tensor(scores), expert_ids, grad, &rule);
+            grads.register::<B>(parent.id, float_primitive(grad_logits));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SiluMulBackward;
+
+/// Both operands of `silu(gate) * up`: each gradient needs both.
+#[derive(Debug, Clone)]
+struct SiluMulState {
+    gate: NodeId,
+    up: NodeId,
+}
+
+impl<B: MoeBackend> Backward<B, 2> for SiluMulBackward {
+    type State = SiluMulState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [gate_parent, up_parent] = ops.parents;
+        let gate = float_tensor::<B, 2>(checkpointer.retrieve_node_output(ops.state.gate));
+        let up = float_tensor::<B, 2>(checkpointer.retrieve_node_output(ops.state.up));
+        let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
+        let (grad_gate, grad_up) = B::moe_silu_mul_grad(gate, up, grad);
+        if let Some(parent) = gate_parent {
+            grads.register::<B>(parent.id, float_primitive(grad_gate));
+        }
+        if let Some(parent) = up_parent {
+            grads.register::<B>(parent.id, float_primitive(grad_up));
         }
     }
 }

@@ -49,7 +49,7 @@ pub use error::KernelError;
 pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorPrimitive, activation::silu, backend::Backend};
 use moe_router::{GateRule, Gated, Selection};
 
 /// The MoE operations a backend may specialise. Every method has a portable default.
@@ -88,6 +88,19 @@ pub trait MoeBackend: Backend {
     /// no gradient is tracked.
     fn moe_gate(logits: Tensor<Self, 2>, bias: Tensor<Self, 1>, rule: &GateRule) -> Gated<Self> {
         rule.apply(logits, bias, Self::moe_select_experts)
+    }
+
+    /// The gradient of the gate's logits `[T, E]` through its weights, from the weights'
+    /// gradient `grad_weights` `[T, K]` and the forward's `scores` `[T, E]` and `expert_ids`
+    /// `[T, K]`: what [`GateRule::weights_grad`] returns, which is the default. `Autodiff`
+    /// calls it on the inner backend, so the gate's backward can be one kernel too.
+    fn moe_gate_grad(
+        scores: Tensor<Self, 2>,
+        expert_ids: Tensor<Self, 2, Int>,
+        grad_weights: Tensor<Self, 2>,
+        rule: &GateRule,
+    ) -> Tensor<Self, 2> {
+        rule.weights_grad(scores, expert_ids, grad_weights)
     }
 
     /// Pairs per expert of `expert_ids` `[T, K]` (ids in `0..num_experts`): the router's
@@ -136,6 +149,24 @@ pub trait MoeBackend: Backend {
         plan: &DispatchPlan<Self>,
     ) -> Tensor<Self, 2> {
         portable::grouped_swiglu::<Self>(rows, gate, up, down, plan)
+    }
+
+    /// `silu(gate) * up`, elementwise on `[n, h]` tensors: the SwiGLU's activation between
+    /// its products (routed and shared experts). The default is burn's ops; under `Autodiff`
+    /// its backward is [`MoeBackend::moe_silu_mul_grad`], one operation each way where burn's
+    /// autodiff of the ops tracks about ten.
+    fn moe_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        silu(gate) * up
+    }
+
+    /// Gradients of [`MoeBackend::moe_silu_mul`] with respect to `gate` and `up` from the
+    /// output's gradient `grad`: `grad up silu'(gate)` and `grad silu(gate)`.
+    fn moe_silu_mul_grad(
+        gate: Tensor<Self, 2>,
+        up: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        portable::silu_mul_grad(gate, up, grad)
     }
 
     /// `x` `[T, a]` times `w` `[a, b]`: the dense products beside the experts (the shared

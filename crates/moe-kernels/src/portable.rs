@@ -8,7 +8,7 @@
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, backend::Backend};
 
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{sigmoid, silu};
 
 use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend};
 
@@ -282,7 +282,21 @@ pub(crate) fn swiglu_by_grouped_matmuls<B: MoeBackend>(
 ) -> Tensor<B, 2> {
     let g = B::moe_grouped_matmul(rows.clone(), gate, plan);
     let u = B::moe_grouped_matmul(rows, up, plan);
-    B::moe_grouped_matmul(silu(g) * u, down, plan)
+    B::moe_grouped_matmul(B::moe_silu_mul(g, u), down, plan)
+}
+
+/// See [`crate::MoeBackend::moe_silu_mul_grad`]: with `s = sigmoid(gate)`,
+/// `silu'(gate) = s (1 + gate (1 - s))`.
+pub fn silu_mul_grad<B: Backend>(
+    gate: Tensor<B, 2>,
+    up: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let s = sigmoid(gate.clone());
+    let silu_grad = s.clone() * (gate.clone() * s.clone().neg().add_scalar(1.0)).add_scalar(1.0);
+    let grad_gate = grad.clone() * up * silu_grad;
+    let grad_up = grad * gate * s;
+    (grad_gate, grad_up)
 }
 
 /// Expert `e`'s `[a, b]` matrix of stacked `[E, a, b]` weights.

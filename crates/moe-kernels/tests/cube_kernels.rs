@@ -446,10 +446,59 @@ fn check_selection<R: CubeRuntime>(device: &R::Device) {
     }
 }
 
+/// The SwiGLU activation's kernels (through the backend's `moe_silu_mul` and
+/// `moe_silu_mul_grad`) against a float64 host computation on the values the device holds:
+/// `silu(g) u`, `dy u silu'(g)` and `dy silu(g)`, on a width that allows vectors and an odd one,
+/// with large logits of both signs (the sigmoid's saturated ends).
+fn check_silu_mul<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("silu_mul seed {seed}");
+    let mut rng = Lcg(seed);
+    let rows = 300;
+    for h in [64usize, 35] {
+        let mut gate = rng.values(rows * h).into_iter().map(|v| v * 4.0).collect::<Vec<_>>();
+        gate[3] = 90.0;
+        gate[4] = -90.0;
+        let (g, gh) = upload::<R, 2>(gate, [rows, h], dtype, device);
+        let (u, uh) = upload::<R, 2>(rng.values(rows * h), [rows, h], dtype, device);
+        let (dy, dyh) = upload::<R, 2>(rng.values(rows * h), [rows, h], dtype, device);
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let out_ref: Vec<f64> = gh.iter().zip(&uh).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+        let (mut grad_gate_ref, mut grad_up_ref) = (vec![0.0; rows * h], vec![0.0; rows * h]);
+        for i in 0..rows * h {
+            let s = sigmoid(gh[i]);
+            grad_gate_ref[i] = dyh[i] * uh[i] * s * (1.0 + gh[i] * (1.0 - s));
+            grad_up_ref[i] = dyh[i] * gh[i] * s;
+        }
+        let tensor = |t: CubeTensor<R>| Tensor::<Backend<R>, 2>::from_primitive(TensorPrimitive::Float(t));
+        let host = |t: Tensor<Backend<R>, 2>| download::<R, 2>(t.into_primitive().tensor());
+        let out = <Backend<R> as MoeBackend>::moe_silu_mul(tensor(g.clone()), tensor(u.clone()));
+        check(&format!("silu_mul ({dtype:?}, width {h})"), &host(out), &out_ref, tolerance);
+        let (grad_gate, grad_up) = <Backend<R> as MoeBackend>::moe_silu_mul_grad(tensor(g), tensor(u), tensor(dy));
+        check(&format!("silu_mul gate gradient ({dtype:?}, width {h})"), &host(grad_gate), &grad_gate_ref, tolerance);
+        check(&format!("silu_mul up gradient ({dtype:?}, width {h})"), &host(grad_up), &grad_up_ref, tolerance);
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn silu_mul_matches_the_host_on_wgpu() {
+    check_silu_mul::<cubecl::wgpu::WgpuRuntime>(&Default::default(), DType::F32, 1e-6);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn silu_mul_matches_the_host_on_cuda() {
+    // bf16 outputs are rounded once (8 bits of mantissa).
+    for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+        check_silu_mul::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
+    }
+}
+
 /// The sigmoid gate kernel (through the backend's `moe_gate`, which takes it for sigmoid
 /// scores) against the portable gate (`GateRule::apply` on NdArray): the ids exactly, scores
 /// and weights to f32 rounding, with and without groups, normalisation and scale, on logits
-/// with NaN and infinities and a bias that changes the choice.
+/// with NaN and infinities and a bias that changes the choice; then its backward.
 fn check_gate<R: CubeRuntime>(device: &R::Device) {
     use burn::backend::NdArray;
     use moe_router::{GateRule, ScoreFunction, Selection};
@@ -483,8 +532,8 @@ fn check_gate<R: CubeRuntime>(device: &R::Device) {
             |choice, selection| selection.select(choice),
         );
         let got = <Backend<R> as MoeBackend>::moe_gate(
-            Tensor::from_data(logits, device),
-            Tensor::from_data(bias, device),
+            Tensor::from_data(logits.clone(), device),
+            Tensor::from_data(bias.clone(), device),
             &rule,
         );
         let ids = |d: TensorData| d.iter::<i64>().collect::<Vec<_>>();
@@ -501,7 +550,47 @@ fn check_gate<R: CubeRuntime>(device: &R::Device) {
             let keep = |v: &[f64]| v.iter().copied().filter(|x| !x.is_nan()).collect::<Vec<_>>();
             check(&format!("gate {experts} experts {name}"), &keep(&out), &keep(&reference), 1e-6);
         }
+        check_gate_grad::<R>(device, &rule, (logits, bias), &mut rng);
     }
+}
+
+/// The gate's backward under `Autodiff` on the cube backend (the gate kernel forward, its
+/// backward kernel for the weights) against burn's autodiff of the portable gate on NdArray:
+/// the logits' gradient of `sum(weights * gw) + sum(scores * gs)` for random `gw`, `gs`.
+fn check_gate_grad<R: CubeRuntime>(
+    device: &R::Device,
+    rule: &moe_router::GateRule,
+    (logits, bias): (TensorData, TensorData),
+    rng: &mut Lcg,
+) {
+    use burn::backend::NdArray;
+    let [tokens, experts] = [logits.shape[0], logits.shape[1]];
+    let top_k = rule.selection.top_k;
+    let grad_weights = TensorData::new(rng.values(tokens * top_k), [tokens, top_k]);
+    let grad_scores = TensorData::new(rng.values(tokens * experts), [tokens, experts]);
+    fn logits_grad<B: burn::tensor::backend::AutodiffBackend>(
+        gate: impl FnOnce(Tensor<B, 2>, Tensor<B, 1>) -> moe_router::Gated<B>,
+        [logits, bias, grad_weights, grad_scores]: [TensorData; 4],
+        device: &B::Device,
+    ) -> Vec<f64> {
+        let logits = Tensor::<B, 2>::from_data(logits, device).require_grad();
+        let gated = gate(logits.clone(), Tensor::from_data(bias, device));
+        let loss = (gated.weights * Tensor::from_data(grad_weights, device)).sum()
+            + (gated.scores * Tensor::from_data(grad_scores, device)).sum();
+        let grad = logits.grad(&loss.backward()).expect("the logits are tracked");
+        grad.into_data().iter::<f32>().map(f64::from).collect()
+    }
+    let inputs = [logits, bias, grad_weights, grad_scores];
+    let expected = logits_grad::<Autodiff<NdArray>>(
+        |l, b| rule.apply(l, b, |choice, selection| selection.select(choice)),
+        inputs.clone(),
+        &Default::default(),
+    );
+    let got = logits_grad::<Autodiff<Backend<R>>>(|l, b| <Autodiff<Backend<R>>>::moe_gate(l, b, rule), inputs, device);
+    let nan_in = |v: &[f64]| v.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+    assert_eq!(nan_in(&got), nan_in(&expected), "{experts} experts: gradient NaN positions");
+    let keep = |v: &[f64]| v.iter().copied().filter(|x| !x.is_nan()).collect::<Vec<_>>();
+    check(&format!("gate {experts} experts logits' gradient"), &keep(&got), &keep(&expected), 1e-5);
 }
 
 #[cfg(feature = "wgpu")]

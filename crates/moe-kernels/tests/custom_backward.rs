@@ -380,3 +380,107 @@ proptest! {
         check_all_backends(&case);
     }
 }
+
+/// `Autodiff`'s gate (the inner backend's gate, tracked as two outputs of the logits) against
+/// central differences of the loss `sum(weights * gw) + sum(scores * gs)` computed on the host
+/// in f64 with the selection held at the forward's ids (it is piecewise constant), for both
+/// score functions, with and without normalisation.
+#[test]
+fn gate_gradients_match_finite_differences() {
+    use moe_router::{GateRule, ScoreFunction, Selection};
+    type Inner = NdArray<f64>;
+    type B = Autodiff<Inner>;
+    let case = case(6, 2, 8, |_, _| 0);
+    let (tokens, experts, top_k) = (6, 8, 2);
+    let logits = case.values(0, tokens * experts).iter().map(|v| v * 3.0).collect::<Vec<_>>();
+    let bias = case.values(1, experts).iter().map(|v| v * 0.1).collect::<Vec<_>>();
+    let gw = case.values(2, tokens * top_k);
+    let gs = case.values(3, tokens * experts);
+    let device = Default::default();
+    let inner =
+        |v: &[f64], shape: [usize; 2]| Tensor::<Inner, 2>::from_data(TensorData::new(v.to_vec(), shape), &device);
+    for score_function in [ScoreFunction::Sigmoid, ScoreFunction::Softmax] {
+        for normalize_weights in [true, false] {
+            let rule = GateRule {
+                score_function,
+                selection: Selection { top_k, num_groups: 2, topk_groups: 1, group_score_topk: 2 },
+                normalize_weights,
+                route_scale: 2.5,
+            };
+            let tracked = Tensor::<B, 2>::from_inner(inner(&logits, [tokens, experts])).require_grad();
+            let bias = Tensor::<B, 1>::from_data(TensorData::new(bias.clone(), [experts]), &device);
+            let gated = B::moe_gate(tracked.clone(), bias, &rule);
+            let ids = gated.expert_ids.clone().into_data().iter::<i64>().map(|i| i as usize).collect::<Vec<_>>();
+            let loss = (gated.weights * Tensor::from_inner(inner(&gw, [tokens, top_k]))).sum()
+                + (gated.scores * Tensor::from_inner(inner(&gs, [tokens, experts]))).sum();
+            let analytic = tracked.grad(&loss.backward()).unwrap().into_data().iter::<f64>().collect::<Vec<_>>();
+
+            // The loss on the host, the chosen ids fixed.
+            let host_loss = |l: &[f64]| -> f64 {
+                (0..tokens)
+                    .map(|t| {
+                        let row = &l[t * experts..(t + 1) * experts];
+                        let scores: Vec<f64> = match score_function {
+                            ScoreFunction::Sigmoid => row.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect(),
+                            ScoreFunction::Softmax => {
+                                let total: f64 = row.iter().map(|x| x.exp()).sum();
+                                row.iter().map(|x| x.exp() / total).collect()
+                            }
+                        };
+                        let chosen: Vec<f64> = ids[t * top_k..(t + 1) * top_k].iter().map(|&e| scores[e]).collect();
+                        let total = if normalize_weights { chosen.iter().sum::<f64>() + 1e-20 } else { 1.0 };
+                        let weights: f64 =
+                            chosen.iter().zip(&gw[t * top_k..]).map(|(s, g)| rule.route_scale * s / total * g).sum();
+                        weights + scores.iter().zip(&gs[t * experts..]).map(|(s, g)| s * g).sum::<f64>()
+                    })
+                    .sum()
+            };
+            let step = 1e-6;
+            for (i, &a) in analytic.iter().enumerate() {
+                let mut l = logits.clone();
+                l[i] += step;
+                let up = host_loss(&l);
+                l[i] -= 2.0 * step;
+                let numeric = (up - host_loss(&l)) / (2.0 * step);
+                // burn computes the sigmoid and the softmax in f32 whatever the float type.
+                assert!(
+                    (numeric - a).abs() <= 1e-5 * (1.0 + numeric.abs()),
+                    "{score_function:?}, normalise {normalize_weights}, logit {i}: numeric {numeric}, analytic {a}"
+                );
+            }
+        }
+    }
+}
+
+/// `Autodiff`'s SwiGLU activation (`moe_silu_mul`, one tracked operation) against burn's
+/// autodiff of `silu(g) * u` (the chain rule through its ops), tracking both operands or one.
+#[test]
+fn silu_mul_gradients_match_autodiff_of_the_ops() {
+    use burn::tensor::activation::silu;
+    type B = Autodiff<NdArray<f64>>;
+    let (n, h) = (9, 7);
+    let case = case(n, 1, 1, |_, _| 0);
+    let [g, u, r] = [0, 1, 2].map(|s| case.values(s, n * h).iter().map(|v| v * 4.0).collect::<Vec<_>>());
+    let device = Default::default();
+    let values = |t: Tensor<NdArray<f64>, 2>| t.into_data().iter::<f64>().collect::<Vec<_>>();
+    for tracked in [(true, true), (true, false), (false, true)] {
+        let run = |ours: bool| {
+            let make = |v: &[f64], grad: bool| {
+                let t = Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), [n, h]), &device);
+                if grad { t.require_grad() } else { t }
+            };
+            let (gt, ut) = (make(&g, tracked.0), make(&u, tracked.1));
+            let out = if ours { B::moe_silu_mul(gt.clone(), ut.clone()) } else { silu(gt.clone()) * ut.clone() };
+            let grads = (out.clone() * make(&r, false)).sum().backward();
+            (values(out.inner()), gt.grad(&grads).map(values), ut.grad(&grads).map(values))
+        };
+        let (ours, reference) = (run(true), run(false));
+        assert_close(&format!("{tracked:?} out"), ours.0.iter().map(|&v| v as f32).collect(), &reference.0);
+        for (name, got, want) in [("gate", ours.1, reference.1), ("up", ours.2, reference.2)] {
+            assert_eq!(got.is_some(), want.is_some(), "{tracked:?}: {name} tracked");
+            if let (Some(got), Some(want)) = (got, want) {
+                assert_close(&format!("{tracked:?} {name}"), got.iter().map(|&v| v as f32).collect(), &want);
+            }
+        }
+    }
+}

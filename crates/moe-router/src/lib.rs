@@ -25,9 +25,11 @@
 //! ```
 
 mod config;
+mod gate;
 mod router;
 mod select;
 
 pub use config::{RouterConfig, RouterConfigError, ScoreFunction};
-pub use router::{GateRule, Gated, Routing, TopKRouter, count_experts};
+pub use gate::{GateRule, Gated};
+pub use router::{Routing, TopKRouter, count_experts};
 pub use select::{Selection, mask_groups, top_k_lowest_id};

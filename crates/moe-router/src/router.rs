@@ -1,7 +1,8 @@
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{FloatDType, Int, Tensor, activation, backend::Backend};
+use burn::tensor::{FloatDType, Int, Tensor, backend::Backend};
 
+use crate::gate::{GateRule, Gated};
 use crate::select::Selection;
 use crate::{RouterConfig, RouterConfigError, ScoreFunction};
 
@@ -73,58 +74,6 @@ impl RouterConfig {
             route_scale: self.route_scale,
             score_function: self.score_function,
         })
-    }
-}
-
-/// The gate after the logits: affinities, the bias-steered selection and the weights, the
-/// step a backend may run as one kernel (`moe_kernels`' `moe_gate`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GateRule {
-    /// Sigmoid (DeepSeek-V3) or softmax affinities.
-    pub score_function: ScoreFunction,
-    /// K and the group limit.
-    pub selection: Selection,
-    /// Weights normalised over the K chosen.
-    pub normalize_weights: bool,
-    /// Factor on the weights.
-    pub route_scale: f64,
-}
-
-/// What the gate returns for `T` tokens.
-#[derive(Debug, Clone)]
-pub struct Gated<B: Backend> {
-    /// `[T, E]` f32 unbiased affinities.
-    pub scores: Tensor<B, 2>,
-    /// `[T, K]` chosen experts, best first.
-    pub expert_ids: Tensor<B, 2, Int>,
-    /// `[T, K]` f32 weights of the chosen experts.
-    pub weights: Tensor<B, 2>,
-}
-
-impl GateRule {
-    /// The gate on tensor ops, on the logits `[T, E]` (f32) and the bias `[E]` (f32): `select`
-    /// gets the biased scores (detached) and must return what [`Selection::select`] returns.
-    pub fn apply<B: Backend>(
-        &self,
-        logits: Tensor<B, 2>,
-        bias: Tensor<B, 1>,
-        select: impl FnOnce(Tensor<B, 2>, &Selection) -> Tensor<B, 2, Int>,
-    ) -> Gated<B> {
-        let scores = match self.score_function {
-            ScoreFunction::Sigmoid => activation::sigmoid(logits),
-            ScoreFunction::Softmax => activation::softmax(logits, 1),
-        };
-        let experts = scores.dims()[1];
-        // Selection is discrete: it sees the bias and carries no gradient.
-        let choice = scores.clone().detach() + bias.detach().reshape([1, experts]);
-        let expert_ids = select(choice, &self.selection);
-        let mut weights = scores.clone().gather(1, expert_ids.clone());
-        if self.normalize_weights {
-            // 1e-20 as in the reference: keeps an all-zero row finite.
-            let total = weights.clone().sum_dim(1).add_scalar(1e-20);
-            weights = weights.div(total);
-        }
-        Gated { scores, expert_ids, weights: weights.mul_scalar(self.route_scale) }
     }
 }
 

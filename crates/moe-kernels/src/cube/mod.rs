@@ -17,6 +17,7 @@ mod hopper_source;
 mod kernel;
 mod pipelined;
 mod select;
+mod swiglu;
 
 pub use flush::FlushPolicy;
 #[cfg(feature = "cuda")]
@@ -113,6 +114,27 @@ pub trait MoeCubeKernels: Backend {
         bias: FloatTensor<Self>,
         rule: &GateRule,
     ) -> (FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>);
+
+    /// The sigmoid gate's backward: the logits' gradient `[T, E]` from the forward's `scores`
+    /// `[T, E]` and `ids` `[T, K]` and the weights' gradient `grad` `[T, K]` (f32), as
+    /// `GateRule::weights_grad` computes it.
+    fn gate_grad(
+        scores: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+        rule: &GateRule,
+    ) -> FloatTensor<Self>;
+
+    /// `silu(gate) * up` on `[n, h]` tensors of one float type.
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The gradients of [`MoeCubeKernels::silu_mul`] from the output's `grad` (`gate`'s type):
+    /// (`gate`'s, `up`'s).
+    fn silu_mul_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// Whether the grouped products of `dtype` tensors on `device` run on tensor cores.
     fn tensor_cores(dtype: DType, device: &Self::Device) -> bool;
@@ -314,6 +336,18 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         rule: &GateRule,
     ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
         select::launch_gate(logits, bias, rule, I::dtype())
+    }
+
+    fn gate_grad(scores: CubeTensor<R>, ids: CubeTensor<R>, grad: CubeTensor<R>, rule: &GateRule) -> CubeTensor<R> {
+        select::launch_gate_grad(scores, ids, grad, rule)
+    }
+
+    fn silu_mul(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeTensor<R> {
+        swiglu::launch_silu_mul(gate, up)
+    }
+
+    fn silu_mul_grad(gate: CubeTensor<R>, up: CubeTensor<R>, grad: CubeTensor<R>) -> (CubeTensor<R>, CubeTensor<R>) {
+        swiglu::launch_silu_mul_grad(gate, up, grad)
     }
 
     fn tensor_cores(dtype: DType, device: &R::Device) -> bool {
@@ -677,6 +711,24 @@ macro_rules! cube_moe_methods {
             }
         }
 
+        fn moe_gate_grad(
+            scores: Tensor<Self, 2>,
+            expert_ids: Tensor<Self, 2, Int>,
+            grad_weights: Tensor<Self, 2>,
+            rule: &GateRule,
+        ) -> Tensor<Self, 2> {
+            if !kernels_enabled() || rule.score_function != ScoreFunction::Sigmoid {
+                return rule.weights_grad(scores, expert_ids, grad_weights);
+            }
+            let f32 = burn::tensor::FloatDType::F32;
+            float_tensor(Self::gate_grad(
+                float_primitive(scores.cast(f32)),
+                expert_ids.into_primitive(),
+                float_primitive(grad_weights.cast(f32)),
+                rule,
+            ))
+        }
+
         fn moe_expert_counts(expert_ids: Tensor<Self, 2, Int>, num_experts: usize) -> Tensor<Self, 1, Int> {
             if !kernels_enabled() {
                 return moe_router::count_experts(expert_ids, num_experts);
@@ -749,6 +801,28 @@ macro_rules! cube_moe_methods {
             ))
         }
 
+        fn moe_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+            if !kernels_enabled() {
+                return burn::tensor::activation::silu(gate) * up;
+            }
+            let up = up.cast(gate.dtype());
+            float_tensor(Self::silu_mul(float_primitive(gate), float_primitive(up)))
+        }
+
+        fn moe_silu_mul_grad(
+            gate: Tensor<Self, 2>,
+            up: Tensor<Self, 2>,
+            grad: Tensor<Self, 2>,
+        ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+            if !kernels_enabled() {
+                return portable::silu_mul_grad(gate, up, grad);
+            }
+            let (up, grad) = (up.cast(gate.dtype()), grad.cast(gate.dtype()));
+            let (grad_gate, grad_up) =
+                Self::silu_mul_grad(float_primitive(gate), float_primitive(up), float_primitive(grad));
+            (float_tensor(grad_gate), float_tensor(grad_up))
+        }
+
         fn moe_dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
             // The grouped GEMM with one segment: faster than burn's matmul on tensor cores,
             // while the scalar tile product (f32, devices without them) is slower.
@@ -797,6 +871,12 @@ enum Kernel {
     Select(Selection),
     /// Inputs: logits, bias (f32); outputs scores (f32), ids (int), weights (f32).
     Gate(GateRule),
+    /// Inputs: scores (f32), ids (int), the weights' gradient (f32).
+    GateGrad(GateRule),
+    /// Inputs: gate, up.
+    SiluMul,
+    /// Inputs: gate, up, gradient; two outputs (gate's and up's gradients).
+    SiluMulGrad,
     /// Inputs: ids (int), over this many experts; the output is int.
     Count(usize),
     /// Inputs: row of each pair (int), values (float), into this many rows.
@@ -817,6 +897,9 @@ impl Kernel {
             Self::Scan(_) => "moe_scan_experts",
             Self::Select(_) => "moe_select_experts",
             Self::Gate(_) => "moe_gate",
+            Self::GateGrad(_) => "moe_gate_grad",
+            Self::SiluMul => "moe_silu_mul",
+            Self::SiluMulGrad => "moe_silu_mul_grad",
             Self::Count(_) => "moe_count_experts",
             Self::Place(_) => "moe_place_pairs",
             Self::PlaceRows { .. } => "moe_place_rows",
@@ -847,6 +930,13 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
             Kernel::Combine => B::combine_rows(float(handles, 0), int(handles, 1), float(handles, 2)),
             Kernel::PairDots(dtype) => B::pair_dots(float(handles, 0), int(handles, 1), float(handles, 2), *dtype),
             Kernel::Place(rows) => B::place_float(int(handles, 0), float(handles, 1), *rows),
+            Kernel::GateGrad(rule) => B::gate_grad(float(handles, 0), int(handles, 1), float(handles, 2), rule),
+            Kernel::SiluMul => B::silu_mul(float(handles, 0), float(handles, 1)),
+            Kernel::SiluMulGrad => {
+                let (grad_gate, grad_up) = B::silu_mul_grad(float(handles, 0), float(handles, 1), float(handles, 2));
+                handles.register_float_tensor::<B>(&out, grad_gate);
+                return handles.register_float_tensor::<B>(&self.desc.outputs[1].id, grad_up);
+            }
             Kernel::Scan(experts) => {
                 let (ranks, summary) = B::scan_experts(int(handles, 0), *experts);
                 handles.register_int_tensor::<B>(&out, ranks);
@@ -978,6 +1068,32 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
     ) -> FloatTensor<Self> {
         let shape = row_of_pair.shape.clone();
         fused::<B>(Kernel::PairDots(dtype), vec![rows, row_of_pair, grad], shape, Some(dtype))
+    }
+
+    fn gate_grad(
+        scores: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+        rule: &GateRule,
+    ) -> FloatTensor<Self> {
+        let shape = scores.shape.clone();
+        fused::<B>(Kernel::GateGrad(*rule), vec![scores, ids, grad], shape, Some(DType::F32))
+    }
+
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let shape = gate.shape.clone();
+        fused::<B>(Kernel::SiluMul, vec![gate, up], shape, None)
+    }
+
+    fn silu_mul_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let output = (gate.shape.clone(), gate.dtype);
+        let [grad_gate, grad_up] =
+            fused_outputs::<B, 2>(Kernel::SiluMulGrad, vec![gate, up, grad], [output.clone(), output]);
+        (grad_gate, grad_up)
     }
 
     fn tensor_cores(dtype: DType, device: &Self::Device) -> bool {

@@ -231,6 +231,92 @@ fn gate_experts<I: Int>(
     }
 }
 
+/// The gradient of the logits through the sigmoid gate's weights, one unit per entry `(t, e)`
+/// of `out` `[T, E]`: `GateRule::weights_grad` on contiguous `scores` `[T, E]`, `ids` and
+/// `grad` `[T, K]`. Each unit reads its token's K chosen scores and gradients (a few cached
+/// loads) for the normaliser's sum and the dot product; an entry no pair chose gets `0 * s (1 -
+/// s)`, so a NaN score gives a NaN gradient as the tensor ops do.
+#[cube(launch)]
+fn gate_weights_grad<I: Int>(
+    scores: &Tensor<f32>,
+    ids: &Tensor<I>,
+    grad: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    scale: f32,
+    #[comptime] top_k: usize,
+    #[comptime] normalize: bool,
+    #[define(I)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let experts = out.shape(1);
+    let t = i / experts;
+    let e = i % experts;
+    let mut total = 0.0f32;
+    let mut dot = 0.0f32;
+    let mut mine = 0.0f32;
+    let mut chosen_here: u32 = 0u32;
+    #[unroll]
+    for s in 0..top_k {
+        let id = u32::cast_from(ids[t * top_k + s]) as usize;
+        let g = grad[t * top_k + s] * scale;
+        let chosen = scores[t * experts + id];
+        total += chosen;
+        dot += g * chosen;
+        if id == e {
+            mine = g;
+            chosen_here = 1u32;
+        }
+    }
+    if comptime!(normalize) {
+        // As the tensor ops: (g - dot / S) / S with S = sum + 1e-20, on the chosen only.
+        if chosen_here == 1 {
+            let total = total + 1e-20;
+            mine = (mine - dot / total) / total;
+        }
+    }
+    let s = scores[i];
+    out[i] = mine * s * (1.0 - s);
+}
+
+/// Units per cube of the gate's backward: one entry each.
+const GRAD_UNITS: u32 = 256;
+
+/// Launches the sigmoid gate's backward: the logits' gradient `[T, E]` from the forward's
+/// `scores` `[T, E]` and `ids` `[T, K]` and the weights' gradient `grad` `[T, K]` (f32).
+pub(crate) fn launch_gate_grad<R: CubeRuntime>(
+    scores: CubeTensor<R>,
+    ids: CubeTensor<R>,
+    grad: CubeTensor<R>,
+    rule: &GateRule,
+) -> CubeTensor<R> {
+    let [tokens, experts] = [scores.meta.shape()[0], scores.meta.shape()[1]];
+    let (client, device) = (scores.client.clone(), scores.device.clone());
+    let out =
+        empty_device_contiguous_dtype(client.clone(), device, Shape::new([tokens, experts]), burn::tensor::DType::F32);
+    let entries = tokens * experts;
+    if entries == 0 {
+        return out;
+    }
+    let ids = into_contiguous(ids);
+    gate_weights_grad::launch(
+        &client,
+        grid(entries, GRAD_UNITS),
+        CubeDim::new_1d(GRAD_UNITS),
+        into_contiguous(scores).into_tensor_arg(),
+        ids.clone().into_tensor_arg(),
+        into_contiguous(grad).into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        rule.route_scale as f32,
+        rule.selection.top_k,
+        rule.normalize_weights,
+        ids.dtype.into(),
+    );
+    out
+}
+
 /// The selection's comptime parameters for `selection`.
 fn spec_of(selection: &Selection) -> SelectSpec {
     SelectSpec {
@@ -241,11 +327,9 @@ fn spec_of(selection: &Selection) -> SelectSpec {
     }
 }
 
-/// A grid of one unit per token.
-fn token_cubes(tokens: usize) -> CubeCount {
-    let cubes = tokens.div_ceil(SELECT_UNITS as usize) as u32;
-    let x = cubes.min(32768);
-    CubeCount::Static(x, cubes.div_ceil(x), 1)
+/// A grid of `units` units, `per_cube` a cube.
+fn grid(units: usize, per_cube: u32) -> CubeCount {
+    super::cube_grid(units.div_ceil(per_cube as usize) as u32)
 }
 
 /// Launches the sigmoid gate on `logits` `[T, E]` and `bias` `[E]` (f32): (scores `[T, E]`,
@@ -269,7 +353,7 @@ pub(crate) fn launch_gate<R: CubeRuntime>(
     }
     gate_experts::launch(
         &client,
-        token_cubes(tokens),
+        grid(tokens, SELECT_UNITS),
         CubeDim::new_1d(SELECT_UNITS),
         logits.into_tensor_arg(),
         into_contiguous(bias).into_tensor_arg(),
@@ -304,7 +388,7 @@ pub(crate) fn launch_select<R: CubeRuntime>(
     let client = choice.client.clone();
     select_experts::launch(
         &client,
-        token_cubes(tokens),
+        grid(tokens, SELECT_UNITS),
         CubeDim::new_1d(SELECT_UNITS),
         choice.into_tensor_arg(),
         out.clone().into_tensor_arg(),

@@ -401,7 +401,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
             }
         }
         match &self.shared {
-            Some(shared) => out + shared.forward_with(x, B::moe_dense_matmul),
+            Some(shared) => out + shared.forward_moe(x),
             None => out,
         }
     }
