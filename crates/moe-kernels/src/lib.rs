@@ -153,8 +153,8 @@ pub trait MoeBackend: Backend {
 
     /// `silu(gate) * up`, elementwise on `[n, h]` tensors: the SwiGLU's activation between
     /// its products (routed and shared experts). The default is burn's ops; under `Autodiff`
-    /// its backward is [`MoeBackend::moe_silu_mul_grad`], one operation each way where burn's
-    /// autodiff of the ops tracks about ten.
+    /// its backward is [`MoeBackend::moe_silu_mul_grad`]: one operation each way where burn's
+    /// autodiff of the ops runs about 25.
     fn moe_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
         silu(gate) * up
     }
