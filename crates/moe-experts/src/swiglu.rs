@@ -1,7 +1,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{Tensor, activation::silu, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 use moe_kernels::MoeBackend;
 
 /// A bias-free SwiGLU MLP, `down(silu(x gate) * (x up))`: DeepSeek's dense MLP and its shared
@@ -44,7 +44,7 @@ pub(crate) fn fan_in_uniform() -> Initializer {
 impl<B: Backend> SwiGlu<B> {
     /// `x` `[T, d]` -> `[T, d]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.forward_with(x, Tensor::matmul, |g, u| silu(g) * u)
+        self.forward_with(x, Tensor::matmul, moe_kernels::portable::silu_mul)
     }
 
     /// [`SwiGlu::forward`] with its three products run by `matmul` (`[T, a] x [a, b]`) and

@@ -49,7 +49,7 @@ pub use error::KernelError;
 pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Int, Tensor, TensorPrimitive, activation::silu, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
 use moe_router::{GateRule, Gated, Selection};
 
 /// The MoE operations a backend may specialise. Every method has a portable default.
@@ -156,7 +156,7 @@ pub trait MoeBackend: Backend {
     /// its backward is [`MoeBackend::moe_silu_mul_grad`]: one operation each way where burn's
     /// autodiff of the ops runs about 25.
     fn moe_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        silu(gate) * up
+        portable::silu_mul(gate, up)
     }
 
     /// Gradients of [`MoeBackend::moe_silu_mul`] with respect to `gate` and `up` from the

@@ -266,7 +266,7 @@ pub fn grouped_swiglu<B: MoeBackend>(
             per_segment(rows, plan, d, |e, x| {
                 let g = x.clone().matmul(expert_matrix(&gate, e));
                 let u = x.matmul(expert_matrix(&up, e));
-                (silu(g) * u).matmul(expert_matrix(&down, e))
+                silu_mul(g, u).matmul(expert_matrix(&down, e))
             })
         }
     }
@@ -283,6 +283,11 @@ pub(crate) fn swiglu_by_grouped_matmuls<B: MoeBackend>(
     let g = B::moe_grouped_matmul(rows.clone(), gate, plan);
     let u = B::moe_grouped_matmul(rows, up, plan);
     B::moe_grouped_matmul(B::moe_silu_mul(g, u), down, plan)
+}
+
+/// See [`crate::MoeBackend::moe_silu_mul`]: `silu(gate) * up` on burn's ops.
+pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    silu(gate) * up
 }
 
 /// See [`crate::MoeBackend::moe_silu_mul_grad`]: with `s = sigmoid(gate)`,

@@ -803,7 +803,7 @@ macro_rules! cube_moe_methods {
 
         fn moe_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
             if !kernels_enabled() {
-                return burn::tensor::activation::silu(gate) * up;
+                return portable::silu_mul(gate, up);
             }
             let up = up.cast(gate.dtype());
             float_tensor(Self::silu_mul(float_primitive(gate), float_primitive(up)))
