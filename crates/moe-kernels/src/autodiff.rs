@@ -1,6 +1,6 @@
 //! [`MoeBackend`] for `Autodiff`: the gate, the grouped matmul, the SwiGLU activation, the
-//! permute and the combine have their own backward, which runs on the inner backend's
-//! `MoeBackend` methods, so a backend's kernels serve the backward too.
+//! permute, the combine and the causal attention have their own backward, which runs on the
+//! inner backend's `MoeBackend` methods, so a backend's kernels serve the backward too.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -176,6 +176,32 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         float_tensor(output)
     }
 
+    // The inner backend's attention (flash on the cube backends) as one tracked operation that
+    // keeps its three operands: burn's `Autodiff` would run the decomposed fallback and keep
+    // every layer's `[b, h, l, l]` scores and probabilities until the backward.
+    fn moe_causal_attention(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, scale: f64) -> Tensor<Self, 4> {
+        let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
+        let output = float_primitive(B::moe_causal_attention(
+            float_tensor(q.primitive.clone()),
+            float_tensor(k.primitive.clone()),
+            float_tensor(v.primitive.clone()),
+            scale,
+        ));
+        let output = match AttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state =
+                    AttentionState { q: prep.checkpoint(&q), k: prep.checkpoint(&k), v: prep.checkpoint(&v), scale };
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        float_tensor(output)
+    }
+
     // Three custom-backward grouped matmuls: the `Segments` default would run the MLP per
     // segment through `narrow`, whose burn backward is the O(E * N * d) one avoided above.
     fn moe_grouped_swiglu(
@@ -248,7 +274,7 @@ impl<B: MoeBackend> Backward<B, 2> for DenseMatmulBackward {
         let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
         if let Some(parent) = w_parent {
             let x = x.expect("x is kept when the weights are tracked");
-            grads.register::<B>(parent.id, float_primitive(x.transpose().matmul(grad.clone())));
+            grads.register::<B>(parent.id, float_primitive(B::moe_dense_matmul_grad_weights(x, grad.clone())));
         }
         if let Some(parent) = x_parent {
             let w = w.expect("the weights are kept when x is tracked");
@@ -380,6 +406,34 @@ impl<B: MoeBackend> Backward<B, 2> for SiluMulBackward {
         }
         if let Some(parent) = up_parent {
             grads.register::<B>(parent.id, float_primitive(grad_up));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+/// The attention's operands and its scale: the backward recomputes the probabilities.
+#[derive(Debug, Clone)]
+struct AttentionState {
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    scale: f64,
+}
+
+impl<B: MoeBackend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let AttentionState { q, k, v, scale } = ops.state;
+        let [q, k, v] = [q, k, v].map(|id| float_tensor::<B, 4>(checkpointer.retrieve_node_output(id)));
+        let grad = float_tensor::<B, 4>(grads.consume::<B>(&ops.node));
+        let (grad_q, grad_k, grad_v) = B::moe_causal_attention_grad(q, k, v, grad, scale);
+        for (parent, grad) in ops.parents.into_iter().zip([grad_q, grad_k, grad_v]) {
+            if let Some(parent) = parent {
+                grads.register::<B>(parent.id, float_primitive(grad));
+            }
         }
     }
 }

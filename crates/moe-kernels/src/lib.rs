@@ -37,6 +37,7 @@
 //! out.into_data().assert_eq(&Tensor::<B, 2>::full([3, 5], 8.0, &device).into_data(), true);
 //! ```
 
+pub mod attention;
 mod autodiff;
 mod backends;
 #[cfg(feature = "cube")]
@@ -172,9 +173,36 @@ pub trait MoeBackend: Backend {
     /// `x` `[T, a]` times `w` `[a, b]`: the dense products beside the experts (the shared
     /// experts). The default is burn's matmul; a backend whose own GEMM is faster at these
     /// shapes overrides it. Under `Autodiff` the row gradient is this product on `w`'s
-    /// transposed view and the weight gradient burn's matmul.
+    /// transposed view and the weight gradient [`MoeBackend::moe_dense_matmul_grad_weights`].
     fn moe_dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         x.matmul(w)
+    }
+
+    /// `x^T grad` for `x` `[T, a]` and `grad` `[T, b]`, `[a, b]`: the weight gradient of
+    /// [`MoeBackend::moe_dense_matmul`]. The default is burn's matmul.
+    fn moe_dense_matmul_grad_weights(x: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.transpose().matmul(grad)
+    }
+
+    /// Causal self-attention `softmax(scale q k^T) v` over `q`, `k` `[b, h, l, e]` and `v`
+    /// `[b, h, l, ev]` (the attention beside the MoE layers): [`attention::causal_attention`],
+    /// burn's `module::attention`, by default. Under `Autodiff` its backward is
+    /// [`MoeBackend::moe_causal_attention_grad`] on the inner backend, so the forward keeps the
+    /// inner backend's kernel (flash attention on the cube backends) and no probabilities.
+    fn moe_causal_attention(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, scale: f64) -> Tensor<Self, 4> {
+        attention::causal_attention(q, k, v, scale)
+    }
+
+    /// Gradients of [`MoeBackend::moe_causal_attention`] with respect to `q`, `k` and `v` from
+    /// the output's gradient `grad`: [`attention::causal_attention_grad`] by default.
+    fn moe_causal_attention_grad(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        grad: Tensor<Self, 4>,
+        scale: f64,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        attention::causal_attention_grad(q, k, v, grad, scale)
     }
 
     /// Returns `out[t] = sum_k weights[t, k] * rows[row of (t, k)]`, `[T, d]`; a dropped

@@ -616,3 +616,68 @@ fn selection_matches_the_portable_rule_on_wgpu() {
 fn selection_matches_the_portable_rule_on_cuda() {
     check_selection::<cubecl::cuda::CudaRuntime>(&Default::default());
 }
+
+/// The causal attention under `Autodiff` on the cube backend (the grouped products in half
+/// precision on tensor cores, burn's `module::attention` otherwise): its output and the
+/// gradients of `q`, `k` and `v` for the loss `sum(out * r)` against burn's autodiff of the
+/// plain ops in float64 on NdArray, with a value width unlike the key width (MLA) and a length
+/// that is not a tile multiple.
+fn check_attention<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    use burn::backend::NdArray;
+    use burn::tensor::{Bool, activation::softmax};
+    type Tracked<R> = Autodiff<Backend<R>>;
+    type Reference = Autodiff<NdArray<f64>>;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("seed {seed}");
+    let mut rng = Lcg(seed);
+    let (b, h, l, e, ev, scale) = (2, 3, 40, 24, 16, 0.3);
+    let (qk, vv) = ([b, h, l, e], [b, h, l, ev]);
+    let uploads =
+        [qk, qk, vv, vv].map(|shape| upload::<R, 4>(rng.values(shape.iter().product()), shape, dtype, device));
+    let [(q, qh), (k, kh), (v, vh), (r, rh)] = uploads;
+
+    let tracked = |p: CubeTensor<R>| {
+        Tensor::<Tracked<R>, 4>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(p))).require_grad()
+    };
+    let (qt, kt, vt) = (tracked(q), tracked(k), tracked(v));
+    let rt = Tensor::<Tracked<R>, 4>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(r)));
+    let out = Tracked::<R>::moe_causal_attention(qt.clone(), kt.clone(), vt.clone(), scale);
+    let ours_out = download::<R, 4>(out.clone().inner().into_primitive().tensor());
+    let grads = (out * rt).sum().backward();
+    let grad = |p: &Tensor<Tracked<R>, 4>| download::<R, 4>(p.grad(&grads).expect("tracked").into_primitive().tensor());
+    let ours = [grad(&qt), grad(&kt), grad(&vt)];
+
+    let host = |values: &[f64], shape: [usize; 4]| {
+        Tensor::<Reference, 4>::from_data(TensorData::new(values.to_vec(), shape), &Default::default()).require_grad()
+    };
+    let (qr, kr, vr) = (host(&qh, qk), host(&kh, qk), host(&vh, vv));
+    let future: Vec<bool> = (0..l * l).map(|n| n % l > n / l).collect();
+    let future = Tensor::<Reference, 2, Bool>::from_data(TensorData::new(future, [l, l]), &Default::default());
+    let scores = qr.clone().matmul(kr.clone().swap_dims(2, 3)).mul_scalar(scale);
+    let probs = softmax(scores.mask_fill(future.reshape([1, 1, l, l]).expand([b, h, l, l]), f64::NEG_INFINITY), 3);
+    let reference = probs.matmul(vr.clone());
+    let values = |t: Tensor<NdArray<f64>, 4>| t.into_data().iter::<f64>().collect::<Vec<_>>();
+    let reference_out = values(reference.clone().inner());
+    let rr = Tensor::<Reference, 4>::from_data(TensorData::new(rh, vv), &Default::default());
+    let grads = (reference * rr).sum().backward();
+    let label = format!("attention ({dtype:?})");
+    check(&label, &ours_out, &reference_out, tolerance);
+    for (name, (got, t)) in ["q", "k", "v"].iter().zip(ours.iter().zip([qr, kr, vr])) {
+        check(&format!("{label} {name} gradient"), got, &values(t.grad(&grads).expect("tracked")), tolerance);
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn attention_matches_the_host_ops_on_wgpu() {
+    check_attention::<cubecl::wgpu::WgpuRuntime>(&Default::default(), DType::F32, 1e-4);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn attention_matches_the_host_ops_on_cuda() {
+    // f32 runs burn's attention and matmuls (TF32 on the H200); bf16 the grouped products.
+    for (dtype, tolerance) in [(DType::F32, 5e-3), (DType::BF16, 2e-2)] {
+        check_attention::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
+    }
+}

@@ -9,6 +9,8 @@
 //! Aligned half-precision products on devices with asynchronous copies run the pipelined
 //! kernel (`pipelined.rs`); every other case the general one (`kernel.rs`).
 
+mod attention;
+mod caches;
 mod flush;
 #[cfg(feature = "cuda")]
 mod hopper;
@@ -19,6 +21,7 @@ mod pipelined;
 mod select;
 mod swiglu;
 
+pub use caches::keep_kernel_caches_in;
 pub use flush::FlushPolicy;
 #[cfg(feature = "cuda")]
 pub use hopper::{launch_rows_wgmma, launch_weight_grad_wgmma};
@@ -664,6 +667,13 @@ fn u32_tensor<R: CubeRuntime>(like: &CubeTensor<R>, values: &[u32]) -> CubeTenso
     CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::new([values.len()]), handle, DType::U32)
 }
 
+/// Whether a dense product of `rows` rows runs on the grouped GEMM: on tensor cores, and not
+/// decode-sized (a handful of rows), where burn's matrix-vector kernels do better.
+fn dense_on_kernels<B: MoeCubeKernels>(rows: usize, dtype: DType, device: &B::Device) -> bool {
+    const MIN_ROWS: usize = 64;
+    kernels_enabled() && rows >= MIN_ROWS && B::tensor_cores(dtype, device)
+}
+
 /// The `MoeBackend` methods of a backend with [`MoeCubeKernels`]: the cube backends and their
 /// fusion wrappers share them (one impl each, as the two types cannot share a blanket impl).
 macro_rules! cube_moe_methods {
@@ -826,12 +836,47 @@ macro_rules! cube_moe_methods {
         fn moe_dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
             // The grouped GEMM with one segment: faster than burn's matmul on tensor cores,
             // while the scalar tile product (f32, devices without them) is slower.
-            if !kernels_enabled() || !Self::tensor_cores(x.dtype(), &x.device()) {
+            let rows = x.dims()[0];
+            if !dense_on_kernels::<Self>(rows, x.dtype(), &x.device()) {
                 return x.matmul(w);
             }
-            let rows = x.dims()[0];
             let w = float_primitive(w.unsqueeze_dim::<3>(0));
             float_tensor(Self::grouped_gemm(float_primitive(x), w, &[rows]))
+        }
+
+        fn moe_causal_attention(
+            q: Tensor<Self, 4>,
+            k: Tensor<Self, 4>,
+            v: Tensor<Self, 4>,
+            scale: f64,
+        ) -> Tensor<Self, 4> {
+            if !attention::on_kernels(&q, &v) {
+                return crate::attention::causal_attention(q, k, v, scale);
+            }
+            attention::forward(q, k, v, scale)
+        }
+
+        fn moe_causal_attention_grad(
+            q: Tensor<Self, 4>,
+            k: Tensor<Self, 4>,
+            v: Tensor<Self, 4>,
+            grad: Tensor<Self, 4>,
+            scale: f64,
+        ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+            if !attention::on_kernels(&q, &v) {
+                return crate::attention::causal_attention_grad(q, k, v, grad, scale);
+            }
+            attention::backward(q, k, v, grad, scale)
+        }
+
+        fn moe_dense_matmul_grad_weights(x: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
+            let rows = x.dims()[0];
+            if !dense_on_kernels::<Self>(rows, x.dtype(), &x.device()) {
+                return x.transpose().matmul(grad);
+            }
+            let grad = grad.cast(x.dtype());
+            let w = Self::grouped_gemm_weight_grad(float_primitive(x), float_primitive(grad), &[rows]);
+            float_tensor::<Self, 3>(w).squeeze_dim(0)
         }
 
         fn moe_grouped_swiglu(
