@@ -63,8 +63,11 @@ impl<B: MoeBackend> ExpertBank<B> {
         priority: Option<Tensor<B, 2>>,
     ) -> Result<(Tensor<B, 2>, DispatchPlan<B>), MoeError> {
         let plan = B::moe_plan(expert_ids, priority, self.num_experts(), limit)?;
+        // In `x`'s dtype: f32 parameters run bf16 products under mixed precision.
+        let weight = |p: &Param<Tensor<B, 3>>| p.val().cast(x.dtype());
+        let (gate, up, down) = (weight(&self.gate), weight(&self.up), weight(&self.down));
         let rows = B::moe_permute(x, &plan);
-        let y = B::moe_grouped_swiglu(rows, self.gate.val(), self.up.val(), self.down.val(), &plan);
+        let y = B::moe_grouped_swiglu(rows, gate, up, down, &plan);
         Ok((B::moe_combine(y, weights, &plan), plan))
     }
 }

@@ -42,7 +42,7 @@ pub(crate) fn fan_in_uniform() -> Initializer {
 }
 
 impl<B: Backend> SwiGlu<B> {
-    /// `x` `[T, d]` -> `[T, d]`.
+    /// `x` `[T, d]` -> `[T, d]`, in `x`'s dtype.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.forward_with(x, Tensor::matmul, moe_kernels::portable::silu_mul)
     }
@@ -55,9 +55,12 @@ impl<B: Backend> SwiGlu<B> {
         matmul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
         silu_mul: fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>,
     ) -> Tensor<B, 2> {
-        let g = matmul(x.clone(), self.gate.val());
-        let u = matmul(x, self.up.val());
-        matmul(silu_mul(g, u), self.down.val())
+        // In `x`'s dtype: f32 parameters run bf16 products under mixed precision.
+        let weight = |p: &Param<Tensor<B, 2>>| p.val().cast(x.dtype());
+        let (gate, up, down) = (weight(&self.gate), weight(&self.up), weight(&self.down));
+        let g = matmul(x.clone(), gate);
+        let u = matmul(x, up);
+        matmul(silu_mul(g, u), down)
     }
 }
 
