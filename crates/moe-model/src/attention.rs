@@ -1,9 +1,12 @@
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig, RotaryEncoding, RotaryEncodingConfig};
-use burn::tensor::{Bool, Tensor, activation::softmax, backend::Backend};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Bool, FloatDType, Tensor, activation::softmax, backend::Backend};
+use moe_experts::MoeBackend;
 
 use crate::MlaAttention;
 use crate::cache::{HeadCache, LatentCache, LayerCache};
+use crate::precision::linear;
+use crate::rope::{RotaryEmbedding, plain_inv_freq};
 
 /// The attention of a decoder block: MLA for HF DeepSeek configurations (`kv_lora_rank` set),
 /// multi-head otherwise.
@@ -17,8 +20,8 @@ pub enum Attention<B: Backend> {
     Latent(MlaAttention<B>),
 }
 
-impl<B: Backend> Attention<B> {
-    /// Causal self-attention over `x` `[batch, seq, d]`.
+impl<B: MoeBackend> Attention<B> {
+    /// Causal self-attention over `x` `[batch, seq, d]`, in `x`'s dtype.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Self::MultiHead(mha) => mha.forward(x),
@@ -52,7 +55,7 @@ pub struct MultiHeadAttention<B: Backend> {
     key: Linear<B>,
     value: Linear<B>,
     output: Linear<B>,
-    rope: RotaryEncoding<B>,
+    rope: RotaryEmbedding<B>,
     heads: usize,
 }
 
@@ -65,36 +68,59 @@ impl<B: Backend> MultiHeadAttention<B> {
             key: linear(),
             value: linear(),
             output: linear(),
-            rope: RotaryEncodingConfig::new(max_len, d / heads).with_theta(theta as f32).init(device),
+            rope: RotaryEmbedding::new(&plain_inv_freq(d / heads, theta), max_len, 1.0, true, device),
             heads,
         }
     }
+}
 
+impl<B: MoeBackend> MultiHeadAttention<B> {
     fn split_heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, l, d] = x.dims();
         x.reshape([b, l, self.heads, d / self.heads]).swap_dims(1, 2)
     }
 
-    /// `x` `[batch, seq, d]` -> `[batch, seq, d]`.
+    /// Rotated queries and keys, and values, `[batch, heads, seq, d / heads]`, of `x` at
+    /// positions `start..`.
+    fn project(&self, x: Tensor<B, 3>, start: usize) -> [Tensor<B, 4>; 3] {
+        let q = self.rope.apply(self.split_heads(linear(&self.query, x.clone())), start);
+        let k = self.rope.apply(self.split_heads(linear(&self.key, x.clone())), start);
+        [q, k, self.split_heads(linear(&self.value, x))]
+    }
+
+    /// `[batch, heads, seq, d / heads]` -> the output projection `[batch, seq, d]`.
+    fn output(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, l, e] = heads.dims();
+        linear(&self.output, heads.swap_dims(1, 2).reshape([b, l, h * e]))
+    }
+
+    fn scale(&self, d: usize) -> f64 {
+        ((d / self.heads) as f64).powf(-0.5)
+    }
+}
+
+impl<B: MoeBackend> MultiHeadAttention<B> {
+    /// `x` `[batch, seq, d]` -> `[batch, seq, d]`, in `x`'s dtype: the backend's causal
+    /// attention (burn's flash attention on the cube backends).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.forward_cached(x, &mut HeadCache::default())
+        let d = x.dims()[2];
+        let [q, k, v] = self.project(x, 0);
+        self.output(B::moe_causal_attention(q, k, v, self.scale(d)))
     }
 
     /// Attention for new tokens `x` `[batch, seq, d]` after the tokens in `cache`, which gains
-    /// their rotated keys and values.
+    /// their rotated keys and values. The softmax runs in f32.
     pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut HeadCache<B>) -> Tensor<B, 3> {
         let [b, l, d] = x.dims();
         let start = cache.len();
-        let q = self.rope.apply(self.split_heads(self.query.forward(x.clone())), start);
-        let k = self.rope.apply(self.split_heads(self.key.forward(x.clone())), start);
-        let (k, v) = cache.append(k, self.split_heads(self.value.forward(x)));
+        let [q, k, v] = self.project(x, start);
+        let (k, v) = cache.append(k, v);
         let t = start + l;
-        let scale = 1.0 / ((d / self.heads) as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let dtype = q.dtype();
+        let scores = q.matmul(k.swap_dims(2, 3)).cast(FloatDType::F32).mul_scalar(self.scale(d));
         // True where the key lies after the query: the future, which a causal model must not see.
         let future = Tensor::<B, 2, Bool>::tril_mask([l, t], start as i64, &scores.device()).reshape([1, 1, l, t]);
         let weights = softmax(scores.mask_fill(future.expand([b, self.heads, l, t]), f32::NEG_INFINITY), 3);
-        let out = weights.matmul(v).swap_dims(1, 2).reshape([b, l, d]);
-        self.output.forward(out)
+        self.output(weights.cast(dtype).matmul(v))
     }
 }

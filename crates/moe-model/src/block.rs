@@ -4,6 +4,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use moe_experts::{MoeAux, MoeBackend, MoeError, MoeLayer, SwiGlu};
 
 use crate::cache::LayerCache;
+use crate::precision::rms_norm;
 use crate::{Attention, ModelError};
 
 /// A block's feed-forward: dense in the first `first_k_dense_replace` blocks, MoE after.
@@ -17,7 +18,7 @@ pub enum FeedForward<B: Backend> {
     Moe(MoeLayer<B>),
 }
 
-/// Pre-norm decoder block: `x + attn(norm(x))`, then `h + ffn(norm(h))`.
+/// Pre-norm decoder block: `x + attn(norm(x))`, then `h + ffn(norm(h))`, in `x`'s dtype.
 #[derive(Module, Debug)]
 pub struct DecoderBlock<B: Backend> {
     /// Norm before attention.
@@ -43,7 +44,7 @@ impl<B: MoeBackend> DecoderBlock<B> {
         x: Tensor<B, 3>,
         moe: &mut impl FnMut(&MoeLayer<B>, Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), E>,
     ) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), E> {
-        let h = x.clone() + self.attention.forward(self.attention_norm.forward(x));
+        let h = x.clone() + self.attention.forward(rms_norm(&self.attention_norm, x));
         self.feed_forward(h, moe)
     }
 
@@ -51,7 +52,7 @@ impl<B: MoeBackend> DecoderBlock<B> {
     pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>) -> Result<Tensor<B, 3>, ModelError> {
         let attended = self
             .attention
-            .forward_cached(self.attention_norm.forward(x.clone()), cache)
+            .forward_cached(rms_norm(&self.attention_norm, x.clone()), cache)
             .ok_or(ModelError::CacheKind)?;
         Ok(self.feed_forward(x + attended, &mut run_layer::<B, ModelError>)?.0)
     }
@@ -62,11 +63,11 @@ impl<B: MoeBackend> DecoderBlock<B> {
         h: Tensor<B, 3>,
         moe: &mut impl FnMut(&MoeLayer<B>, Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), E>,
     ) -> Result<(Tensor<B, 3>, Option<MoeAux<B>>), E> {
-        let normed = self.ffn_norm.forward(h.clone());
+        let normed = rms_norm(&self.ffn_norm, h.clone());
         Ok(match &self.ffn {
             FeedForward::Dense(mlp) => {
                 let [b, l, d] = normed.dims();
-                (h + mlp.forward(normed.reshape([b * l, d])).reshape([b, l, d]), None)
+                (h + mlp.forward_moe(normed.reshape([b * l, d])).reshape([b, l, d]), None)
             }
             FeedForward::Moe(layer) => {
                 let (y, aux) = moe(layer, normed)?;

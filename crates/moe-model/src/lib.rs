@@ -11,6 +11,8 @@
 //! - [`cache`] and [`DeepSeekModel::forward_with_cache`]: incremental decoding; MLA caches
 //!   only the latent and the rotary key per token.
 //! - [`generate`]: logits over host ids, seeded sampling, cached generation.
+//! - [`precision`]: f32 parameters, products in the compute dtype
+//!   ([`DeepSeekModel::with_compute_dtype`], e.g. bf16), the numerically delicate parts in f32.
 //!
 //! ```
 //! use burn::backend::NdArray;
@@ -38,6 +40,7 @@ pub mod generate;
 pub mod hf;
 mod mla;
 mod model;
+pub mod precision;
 pub mod rope;
 
 pub use attention::{Attention, MultiHeadAttention};

@@ -3,10 +3,12 @@
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::{Bool, Tensor, activation::softmax, backend::Backend};
+use burn::tensor::{Bool, FloatDType, Tensor, activation::softmax, backend::Backend};
+use moe_experts::MoeBackend;
 
 use crate::cache::LatentCache;
 use crate::config::MlaDims;
+use crate::precision::{linear, rms_norm};
 use crate::rope::RotaryEmbedding;
 
 /// The low-rank query path: `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
@@ -96,14 +98,16 @@ impl<B: Backend> MlaAttention<B> {
     pub fn softmax_scale(&self) -> f64 {
         self.softmax_scale
     }
+}
 
+impl<B: MoeBackend> MlaAttention<B> {
     /// Per-head queries at positions `start..`: the part without positions
     /// `[b, heads, l, qk_nope]` and the rotated part `[b, heads, l, qk_rope]`.
     fn queries(&self, x: Tensor<B, 3>, start: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, l, _] = x.dims();
         let q = match &self.query {
-            MlaQuery::LowRank(q) => q.q_b_proj.forward(q.q_a_layernorm.forward(q.q_a_proj.forward(x))),
-            MlaQuery::Direct(q_proj) => q_proj.forward(x),
+            MlaQuery::LowRank(q) => linear(&q.q_b_proj, rms_norm(&q.q_a_layernorm, linear(&q.q_a_proj, x))),
+            MlaQuery::Direct(q_proj) => linear(q_proj, x),
         };
         let q = q.reshape([b, l, self.heads, self.qk_nope + self.qk_rope]).swap_dims(1, 2);
         let q_nope = q.clone().narrow(3, 0, self.qk_nope);
@@ -115,39 +119,45 @@ impl<B: Backend> MlaAttention<B> {
     /// rotated shared key `[b, l, qk_rope]`, at positions `start..`.
     fn latent(&self, x: Tensor<B, 3>, start: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, l, _] = x.dims();
-        let kv = self.kv_a_proj_with_mqa.forward(x);
-        let latent = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, self.kv_lora_rank));
+        let kv = linear(&self.kv_a_proj_with_mqa, x);
+        let latent = rms_norm(&self.kv_a_layernorm, kv.clone().narrow(2, 0, self.kv_lora_rank));
         let rope_key = kv.narrow(2, self.kv_lora_rank, self.qk_rope).reshape([b, 1, l, self.qk_rope]);
         (latent, self.rope.apply(rope_key, start).reshape([b, l, self.qk_rope]))
     }
 
     /// Masked softmax of `scores` `[b, heads, l, t]` for queries at positions `start..` over
-    /// keys at `0..t`.
+    /// keys at `0..t`, in f32; the weights in the scores' dtype.
     fn attention_weights(&self, scores: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [b, h, l, t] = scores.dims();
+        let dtype = scores.dtype();
+        let scores = scores.cast(FloatDType::F32).mul_scalar(self.softmax_scale);
         // True where the key lies after the query: the future.
         let future = Tensor::<B, 2, Bool>::tril_mask([l, t], start as i64, &scores.device()).reshape([1, 1, l, t]);
-        softmax(scores.mul_scalar(self.softmax_scale).mask_fill(future.expand([b, h, l, t]), f32::NEG_INFINITY), 3)
+        softmax(scores.mask_fill(future.expand([b, h, l, t]), f32::NEG_INFINITY), 3).cast(dtype)
     }
 
     /// `[b, heads, l, v_head]` -> `o_proj` output `[b, l, d]`.
     fn output(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, h, l, v] = heads.dims();
-        self.o_proj.forward(heads.swap_dims(1, 2).reshape([b, l, h * v]))
+        linear(&self.o_proj, heads.swap_dims(1, 2).reshape([b, l, h * v]))
     }
 
     /// Causal self-attention over `x` `[b, l, d]` at positions `0..l`, with per-head keys and
-    /// values expanded from the latent (the training form).
+    /// values expanded from the latent (the training form), in `x`'s dtype: the backend's
+    /// causal attention on queries and keys that hold both parts, `[q_nope, q_rope]` and
+    /// `[k_nope, rope_key]`, whose product is the sum of the two parts' products.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
         let (q_nope, q_rope) = self.queries(x.clone(), 0);
         let (latent, rope_key) = self.latent(x, 0);
-        let kv = self.kv_b_proj.forward(latent).reshape([b, l, self.heads, self.qk_nope + self.v_head]).swap_dims(1, 2);
+        let kv =
+            linear(&self.kv_b_proj, latent).reshape([b, l, self.heads, self.qk_nope + self.v_head]).swap_dims(1, 2);
         let k_nope = kv.clone().narrow(3, 0, self.qk_nope);
         let v = kv.narrow(3, self.qk_nope, self.v_head);
         let rope_key = rope_key.reshape([b, 1, l, self.qk_rope]).expand([b, self.heads, l, self.qk_rope]);
-        let scores = q_nope.matmul(k_nope.swap_dims(2, 3)) + q_rope.matmul(rope_key.swap_dims(2, 3));
-        self.output(self.attention_weights(scores, 0).matmul(v))
+        let q = Tensor::cat(vec![q_nope, q_rope], 3);
+        let k = Tensor::cat(vec![k_nope, rope_key], 3);
+        self.output(B::moe_causal_attention(q, k, v, self.softmax_scale))
     }
 
     /// Attention for new tokens `x` `[b, l, d]` that follow the `cache.len()` tokens already in
@@ -156,13 +166,13 @@ impl<B: Backend> MlaAttention<B> {
     /// half, so per-head keys and values are never formed. The caller checks positions.
     pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LatentCache<B>) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
-        let start = cache.len();
+        let (start, dtype) = (cache.len(), x.dtype());
         let (q_nope, q_rope) = self.queries(x.clone(), start);
         let (latent, rope_key) = self.latent(x, start);
         let (latent, rope_key) = cache.append(latent, rope_key);
         let t = start + l;
         let (h, c) = (self.heads, self.kv_lora_rank);
-        let w = self.kv_b_proj.weight.val().reshape([c, h, self.qk_nope + self.v_head]);
+        let w = self.kv_b_proj.weight.val().cast(dtype).reshape([c, h, self.qk_nope + self.v_head]);
         // [h, qk_nope, c] and [h, c, v_head]: per-head key and value maps of the latent.
         let w_key = w.clone().narrow(2, 0, self.qk_nope).permute([1, 2, 0]).unsqueeze::<4>();
         let w_value = w.narrow(2, self.qk_nope, self.v_head).swap_dims(0, 1).unsqueeze::<4>();

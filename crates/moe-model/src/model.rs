@@ -1,10 +1,11 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{FloatDType, Int, Tensor, backend::Backend};
 use moe_experts::{MoeAux, MoeBackend, MoeError, MoeLayer, SwiGluConfig};
 use thiserror::Error;
 
 use crate::cache::KvCache;
+use crate::precision::{linear, rms_norm};
 use crate::rope::{RotaryEmbedding, plain_inv_freq};
 use crate::{Attention, DecoderBlock, DeepSeekConfig, FeedForward, MlaAttention, ModelConfigError, MultiHeadAttention};
 
@@ -20,6 +21,9 @@ pub struct DeepSeekModel<B: Backend> {
     /// LM head.
     pub lm_head: Linear<B>,
     max_len: usize,
+    /// The dtype the blocks compute in (`crate::precision`); not part of the record.
+    #[module(skip)]
+    compute_dtype: FloatDType,
 }
 
 /// Why a forward pass could not run.
@@ -52,7 +56,7 @@ pub enum ModelError {
 /// Logits and the MoE blocks' records.
 #[derive(Debug, Clone)]
 pub struct ModelOutput<B: Backend> {
-    /// `[batch, seq, vocab]`.
+    /// `[batch, seq, vocab]`, in f32.
     pub logits: Tensor<B, 3>,
     /// One record per MoE block, in block order.
     pub moe: Vec<MoeAux<B>>,
@@ -81,6 +85,7 @@ impl DeepSeekConfig {
             norm: norm(),
             lm_head: LinearConfig::new(d, self.vocab_size).with_bias(false).init(device),
             max_len: self.max_position_embeddings,
+            compute_dtype: FloatDType::F32,
         })
     }
 }
@@ -139,12 +144,12 @@ impl<B: MoeBackend> DeepSeekModel<B> {
             return Err(ModelError::CacheBatch { cache: cached, got: batch });
         }
         cache.batch = Some(batch);
-        let mut x = self.embedding.forward(tokens);
+        let mut x = self.embed(tokens);
         for (block, layer_cache) in self.blocks.iter().zip(&mut cache.layers) {
             x = block.forward_cached(x, layer_cache)?;
         }
         cache.len = seq;
-        Ok(self.lm_head.forward(self.norm.forward(x)))
+        Ok(self.logits(x))
     }
 
     /// `tokens` `[batch, seq]` (ids below `vocab_size`) -> logits and MoE records.
@@ -164,18 +169,35 @@ impl<B: MoeBackend> DeepSeekModel<B> {
         if seq > self.max_len {
             return Err(ModelError::SequenceTooLong { got: seq, max: self.max_len }.into());
         }
-        let mut x = self.embedding.forward(tokens);
+        let mut x = self.embed(tokens);
         let mut records = Vec::new();
         for block in &self.blocks {
             let (y, aux) = block.forward_with(x, moe)?;
             x = y;
             records.extend(aux);
         }
-        Ok(ModelOutput { logits: self.lm_head.forward(self.norm.forward(x)), moe: records })
+        Ok(ModelOutput { logits: self.logits(x), moe: records })
+    }
+
+    /// The token embeddings in the compute dtype.
+    fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.embedding.forward(tokens).cast(self.compute_dtype)
+    }
+
+    /// The final norm and the LM head on the last block's output; the logits in f32.
+    fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        linear(&self.lm_head, rms_norm(&self.norm, x)).cast(FloatDType::F32)
     }
 }
 
 impl<B: Backend> DeepSeekModel<B> {
+    /// The same model computing in `dtype` (`crate::precision`): `BF16` or `F16` runs the
+    /// products in that dtype on the f32 parameters, `F32` (the default) computes in f32.
+    pub fn with_compute_dtype(mut self, dtype: FloatDType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
     /// Longest sequence (prompt plus generated tokens) the rotary tables cover.
     pub fn max_len(&self) -> usize {
         self.max_len
