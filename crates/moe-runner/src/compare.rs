@@ -37,8 +37,13 @@ pub enum CompareError {
 }
 
 /// Trains `config` once per mode, each into `runs_root/compare-<mode>` (replacing an earlier
-/// comparison's runs there).
-pub fn run_arms<B>(config: &RunConfig, runs_root: &Path, device: &B::Device) -> Result<Vec<Arm>, CompareError>
+/// comparison's runs there); `gpu` as in `RunOptions::gpu`.
+pub fn run_arms<B>(
+    config: &RunConfig,
+    runs_root: &Path,
+    device: &B::Device,
+    gpu: bool,
+) -> Result<Vec<Arm>, CompareError>
 where
     B: AutodiffBackend + MoeBackend,
     B::InnerBackend: MoeBackend,
@@ -53,7 +58,8 @@ where
             std::fs::remove_dir_all(&run_dir).map_err(|source| ReportError::Io { path: run_dir.clone(), source })?;
         }
         println!("compare-balance: training with balance.mode = {} into {}", mode_name(mode), run_dir.display());
-        let options = RunOptions { run_dir: run_dir.clone(), resume: false, progress: true, stop_at: None };
+        let options =
+            RunOptions { run_dir: run_dir.clone(), resume: false, progress: true, stop_at: None, gpu, profile: false };
         let summary = train::<B>(&config, device, &options)?;
         crate::report::write(&run_dir, &config, &summary)?;
         let path = run_dir.join("metrics.jsonl");

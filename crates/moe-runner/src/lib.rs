@@ -10,6 +10,7 @@ pub mod expert_parallel;
 pub mod hf_checkpoint;
 pub mod metrics;
 pub mod plots;
+pub mod profile;
 pub mod report;
 pub mod rng;
 pub mod sample;

@@ -50,6 +50,30 @@ enum BackendChoice {
     Wgpu,
 }
 
+impl BackendChoice {
+    fn is_gpu(self) -> bool {
+        !matches!(self, Self::Cpu)
+    }
+}
+
+/// Keeps cubecl's compiled kernels and autotune results in one directory for every run of a GPU
+/// backend, whatever the working directory: `BURN_MOE_KERNEL_CACHE` (not `MOE_*`, which sets
+/// the run's settings), else the user's cache directory (`~/.cache/burn-moe/kernels`). Without
+/// it a run started outside the repository compiles and tunes every kernel again.
+fn keep_kernel_caches(backend: BackendChoice) {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    if backend.is_gpu() {
+        let dir = std::env::var_os("BURN_MOE_KERNEL_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| dirs::cache_dir().map(|d| d.join("burn-moe").join("kernels")));
+        if let Some(dir) = dir {
+            moe_kernels::cube::keep_kernel_caches_in(&dir);
+        }
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    let _ = backend;
+}
+
 #[derive(clap::Args)]
 struct ConfigArgs {
     /// A TOML file layered over the built-in default (e.g. configs/small.toml).
@@ -80,6 +104,10 @@ enum Command {
         /// Which backend trains.
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendChoice,
+        /// Time each step's phases (forward, loss read, backward, optimizer, balance) with a
+        /// device sync after each; the split goes to metrics.jsonl and a summary line.
+        #[arg(long)]
+        profile: bool,
     },
     /// Sample from a trained run (--run) or an HF DeepSeek-V3 checkpoint (--checkpoint).
     Generate {
@@ -243,15 +271,32 @@ fn main() -> ExitCode {
 type Error = Box<dyn std::error::Error>;
 
 fn run(cli: Cli) -> Result<(), Error> {
+    let backend = match &cli.command {
+        Command::Train { backend, .. }
+        | Command::Generate { backend, .. }
+        | Command::Logits { backend, .. }
+        | Command::CompareBalance { backend, .. } => Some(*backend),
+        Command::Simulate(_) => None,
+    };
+    if let Some(backend) = backend {
+        keep_kernel_caches(backend);
+    }
     match cli.command {
-        Command::Train { config, data, run_dir, resume, backend } => {
+        Command::Train { config, data, run_dir, resume, backend, profile } => {
             let mut set = config.set;
             if let Some(data) = data {
                 set.push(format!("data.path={}", data.display()));
             }
             let run = RunConfig::load(&Layers { file: config.config, env: true, set })?;
             let run_dir = run_dir.unwrap_or_else(|| PathBuf::from("runs").join(&run.name));
-            let options = RunOptions { run_dir: run_dir.clone(), resume, progress: true, stop_at: None };
+            let options = RunOptions {
+                run_dir: run_dir.clone(),
+                resume,
+                progress: true,
+                stop_at: None,
+                gpu: backend.is_gpu(),
+                profile,
+            };
             println!("training `{}` into {}", run.name, run_dir.display());
             let summary = with_backend!(backend, |B, device| train::<B>(&run, &device, &options))?;
             println!(
@@ -313,7 +358,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::CompareBalance { config, runs, output, backend } => {
             let run = RunConfig::load(&Layers { file: config.config, env: true, set: config.set.clone() })?;
-            let arms = with_backend!(backend, |B, device| run_arms::<B>(&run, &runs, &device))?;
+            let arms = with_backend!(backend, |B, device| run_arms::<B>(&run, &runs, &device, backend.is_gpu()))?;
             let mut command = String::from("cargo xtask compare-balance");
             for item in &config.set {
                 command.push_str(&format!(" --set {item}"));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::expert_parallel::RankMetrics;
+use crate::profile::StepPhases;
 
 /// One optimizer step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -35,6 +36,9 @@ pub struct StepMetrics {
     /// Validation results, at evaluation steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalMetrics>,
+    /// Where the step's time went, with `--profile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<StepPhases>,
 }
 
 /// A pass over the fixed validation windows.

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType};
 use config::{Config, Environment, File, FileFormat};
 use moe_model::DeepSeekConfig;
 use moe_parallel::{Placement, PlacementError};
@@ -116,6 +118,57 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept on disk (the newest ones).
     pub keep_checkpoints: usize,
+    /// The dtype the model computes in (absent in configs and checkpoints from before it: auto).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The dtype the model computes in; parameters, optimizer state and checkpoints stay f32
+/// (`moe_model::precision`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Precision {
+    /// bf16 on a GPU backend whose device runs bf16 (CUDA), f32 on the CPU and elsewhere.
+    #[default]
+    Auto,
+    /// f32 throughout.
+    F32,
+    /// bf16 activations and products, f32 parameters (mixed precision).
+    Bf16,
+}
+
+// From a string, so that a bad value's error lists the accepted ones (serde's enum error does
+// not through the `config` crate).
+impl TryFrom<String> for Precision {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        match value.as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("unknown precision `{other}`: expected `auto`, `f32` or `bf16`")),
+        }
+    }
+}
+
+impl Precision {
+    /// The compute dtype on `device` of `B`, where `auto_bf16` says whether `auto` means bf16
+    /// on this backend (CUDA: its GEMMs run bf16 on tensor cores); `bf16` on a device
+    /// that cannot run it is an error naming the key.
+    pub fn compute_dtype<B: Backend>(self, device: &B::Device, auto_bf16: bool) -> Result<FloatDType, SettingsError> {
+        let bf16 = B::supports_dtype(device, DType::BF16);
+        match self {
+            Self::F32 => Ok(FloatDType::F32),
+            Self::Auto => Ok(if auto_bf16 && bf16 { FloatDType::BF16 } else { FloatDType::F32 }),
+            Self::Bf16 if bf16 => Ok(FloatDType::BF16),
+            Self::Bf16 => Err(SettingsError::Value {
+                key: "train.precision",
+                value: "bf16".into(),
+                expected: "f32 or auto on this backend, whose device has no bf16 arithmetic",
+            }),
+        }
+    }
 }
 
 /// How the experts' load is balanced.

@@ -9,7 +9,7 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_balance::metrics::{EvalMaxVio, max_violation};
 use moe_balance::{BiasBalancer, BiasUpdateConfig, LoadTracker};
@@ -22,6 +22,7 @@ use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::corpus::{Batch, Corpus};
 use crate::expert_parallel::{RankMetrics, ShardedModel};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
+use crate::profile::{Phase, PhaseClock, median_line};
 use crate::rng::SplitMix64;
 use crate::schedule::learning_rate;
 use crate::settings::{BalanceMode, RunConfig, SettingsError};
@@ -40,6 +41,11 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop after this many optimizer steps in total (as if interrupted); `None` runs to the end.
     pub stop_at: Option<usize>,
+    /// The backend is a GPU's: `train.precision = "auto"` means bf16 where the device has it,
+    /// and the first step says that it compiles and tunes kernels.
+    pub gpu: bool,
+    /// Time each step's phases (`crate::profile`), at the cost of a device sync per phase.
+    pub profile: bool,
 }
 
 /// Why a run stopped early.
@@ -104,6 +110,11 @@ pub struct RunSummary {
     pub losses: Vec<f64>,
 }
 
+/// A line above the progress bar (a hidden bar, with no terminal, swallows its println).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() { println!("{line}") } else { bar.println(line) }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.to_owned(), source }
 }
@@ -165,7 +176,8 @@ fn batch_loss<B: MoeBackend>(
     let [b, l, v] = out.logits.dims();
     let targets = tokens::<B>(&batch.targets, batch.batch, batch.seq_len, device).reshape([b * l]);
     let ce = CrossEntropyLossConfig::new().init(device).forward(out.logits.reshape([b * l, v]), targets);
-    let balance = out.moe.iter().filter_map(|aux| aux.loss()).reduce(|a, b| a + b);
+    // The layers hand their losses back in the compute dtype; the loss is summed in f32.
+    let balance = out.moe.iter().filter_map(|aux| aux.loss()).reduce(|a, b| a + b).map(|b| b.cast(FloatDType::F32));
     let dropped = out.moe.iter().map(|aux| aux.dropped).sum();
     Ok(BatchLoss { ce, balance, counts: out.moe.into_iter().map(|aux| aux.counts).collect(), dropped, ranks })
 }
@@ -212,6 +224,8 @@ where
     B::InnerBackend: MoeBackend,
 {
     let run_dir = &options.run_dir;
+    // Refused before anything is written.
+    config.train.precision.compute_dtype::<B>(device, options.gpu)?;
     std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
     let existing = checkpoint::list(run_dir)?;
     if !options.resume && !existing.is_empty() {
@@ -222,7 +236,8 @@ where
     let config = resumed.as_ref().map_or_else(|| config.clone(), |state| state.config.clone());
     let corpus = Corpus::load(config.corpus_path(), config.data.val_fraction, config.data.seq_len)?;
 
-    let mut model = build_model::<B>(&config, device)?;
+    let compute_dtype = config.train.precision.compute_dtype::<B>(device, options.gpu)?;
+    let mut model = build_model::<B>(&config, device)?.with_compute_dtype(compute_dtype);
     let o = &config.optim;
     let mut adamw = AdamWConfig::new()
         .with_beta_1(o.beta1 as f32)
@@ -266,8 +281,15 @@ where
     );
     bar.set_position(step as u64);
 
+    let first_step = step;
+    if options.gpu {
+        // The first step compiles and autotunes every kernel it meets: minutes on a cold cache.
+        bar.enable_steady_tick(std::time::Duration::from_millis(500));
+        say(&bar, format!("step {} compiles and tunes the GPU kernels (computing in {compute_dtype:?})", step + 1));
+    }
     let started = Instant::now();
     let mut losses = Vec::new();
+    let mut phases = Vec::new();
     let mut eval = None;
     let mut latest = resume_from.clone();
     while step < last {
@@ -276,10 +298,12 @@ where
         let mut accumulator = GradientsAccumulator::<DeepSeekModel<B>>::new();
         let (mut loss_sum, mut balance_sum, mut dropped) = (0.0, 0.0, 0);
         let mut rank_metrics = sharded.map(|_| RankMetrics::default());
+        let mut clock = PhaseClock::<B>::start(device, options.profile);
         for _ in 0..o.grad_accum {
             let batch = corpus.train_batch(&mut rng, config.data.batch_size, config.data.seq_len);
             let BatchLoss { ce, balance, counts, dropped: d, ranks } =
                 batch_loss(&model, sharded.as_ref(), &batch, device)?;
+            clock.mark(Phase::Forward);
             if let Some(metrics) = &mut rank_metrics {
                 metrics.add(&ranks);
             }
@@ -293,12 +317,15 @@ where
                 None => (ce.clone(), ce),
             };
             let values: Vec<f64> = readout.into_data().iter::<f64>().collect();
+            clock.mark(Phase::LossRead);
             loss_sum += values[0];
             balance_sum += values.get(1).copied().unwrap_or(0.0);
             let total = total.div_scalar(o.grad_accum as f64);
             accumulator.accumulate(&model, GradientsParams::from_grads(total.backward(), &model));
+            clock.mark(Phase::Backward);
         }
         model = optim.step(lr, model, accumulator.grads());
+        clock.mark(Phase::Optimizer);
         // The bias moves after the step, from the load of the step's training passes only.
         let load = tracker.take();
         let scale = if config.balance.gamma_follows_lr {
@@ -309,6 +336,12 @@ where
         for (layer, l) in model.moe_layers_mut().zip(&load) {
             let delta: Vec<f32> = balancer.bias_delta(l).iter().map(|d| d * scale as f32).collect();
             layer.apply_bias_delta(&delta);
+        }
+        clock.mark(Phase::Balance);
+        let split = clock.finish();
+        phases.extend(split);
+        if options.gpu && step == first_step {
+            say(&bar, format!("step {} took {:.1} s", step + 1, step_started.elapsed().as_secs_f64()));
         }
         step += 1;
         let loss = loss_sum / o.grad_accum as f64;
@@ -329,6 +362,7 @@ where
             dropped,
             ranks: rank_metrics,
             eval: None,
+            phases: split,
         };
         let finishing = step == last;
         if finishing || (t.eval_every > 0 && step.is_multiple_of(t.eval_every)) {
@@ -341,12 +375,7 @@ where
                 e.val_max_vio,
                 step_tokens * step as f64 / elapsed.max(1e-9)
             );
-            // A hidden bar (no terminal) swallows its println.
-            if bar.is_hidden() {
-                println!("{line}")
-            } else {
-                bar.println(line)
-            }
+            say(&bar, line);
             record.eval = Some(e);
             eval = Some(e);
         }
@@ -362,6 +391,10 @@ where
         bar.set_position(step as u64);
     }
     bar.finish_and_clear();
+    if options.profile {
+        // The first steps compile and tune kernels.
+        println!("{}", median_line(phases.get(3..).filter(|p| !p.is_empty()).unwrap_or(&phases)));
+    }
     let elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
     let eval = match eval {
         Some(e) => e,

@@ -79,7 +79,14 @@ fn run(set: &[&str], tag: &str) -> (RunConfig, RunSummary, Vec<metrics::StepMetr
     let config = smoke(&items);
     let run_dir = std::env::temp_dir().join(format!("moe-runner-ep-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run_dir);
-    let options = RunOptions { run_dir: run_dir.clone(), resume: false, progress: false, stop_at: None };
+    let options = RunOptions {
+        run_dir: run_dir.clone(),
+        resume: false,
+        progress: false,
+        stop_at: None,
+        gpu: false,
+        profile: false,
+    };
     let summary = train::<Autodiff<Flex>>(&config, &Default::default(), &options).unwrap();
     let records = metrics::read(&run_dir.join("metrics.jsonl")).unwrap();
     // The summary shows the ranks exactly when the run had them.

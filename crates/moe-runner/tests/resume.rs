@@ -28,8 +28,14 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         let root = std::env::temp_dir().join(format!("moe-runner-resume-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let device = Default::default();
-        let options =
-            |dir: &str, resume, stop_at| RunOptions { run_dir: root.join(dir), resume, progress: false, stop_at };
+        let options = |dir: &str, resume, stop_at| RunOptions {
+            run_dir: root.join(dir),
+            resume,
+            progress: false,
+            stop_at,
+            gpu: false,
+            profile: false,
+        };
 
         let whole = train::<B>(&config, &device, &options("whole", false, None)).unwrap();
         let first = train::<B>(&config, &device, &options("split", false, Some(6))).unwrap();

@@ -69,6 +69,8 @@ fn bad_keys_and_values_are_named() {
         (&["parallel.expert_ranks=32"], "num_experts (16) must be a multiple of num_ranks (32)"),
         (&["parallel.expert_ranks=8", "data.batch_size=12"], "data.batch_size"),
         (&["parallel.ranks=2"], "ranks"),
+        (&["train.precision=fp8"], "train.precision"),
+        (&["train.precision=fp8"], "`fp8`: expected `auto`, `f32` or `bf16`"),
     ];
     for (set, needle) in cases {
         let err = load(None, set).expect_err(&format!("{set:?} was accepted"));

@@ -20,7 +20,14 @@ fn smoke_run_learns_and_writes_its_files() {
     .unwrap();
     let run_dir = std::env::temp_dir().join(format!("moe-runner-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run_dir);
-    let options = RunOptions { run_dir: run_dir.clone(), resume: false, progress: false, stop_at: None };
+    let options = RunOptions {
+        run_dir: run_dir.clone(),
+        resume: false,
+        progress: false,
+        stop_at: None,
+        gpu: false,
+        profile: false,
+    };
     let summary = train::<Autodiff<Flex>>(&config, &Default::default(), &options).unwrap();
 
     let steps = config.train.steps;
