@@ -36,6 +36,10 @@ pub(crate) struct BenchArgs {
     /// Print the table from the last run's results without running anything.
     #[arg(long)]
     report_only: bool,
+    /// Time training instead of one layer: `small` with `moe-runner` beside PyTorch's
+    /// `torch_train_bench.py` (GPU backends only; `--prebuilt` takes both from a folder).
+    #[arg(long)]
+    train: bool,
     #[command(flatten)]
     gpu: GpuArgs,
 }
@@ -45,47 +49,56 @@ pub(crate) struct BenchArgs {
 pub(crate) struct GpuArgs {
     /// Token counts T of the GPU rows.
     #[arg(long, default_value = "4096,8192,16384")]
-    tokens: String,
+    pub(crate) tokens: String,
     /// Shapes of the GPU rows: `dsv3` (d 7168, h 2048, E 256, K 8, 1 shared, 8 groups keep 4)
     /// and/or `small` (d 1024, h 512, E 64, K 6, 2 shared).
     #[arg(long, default_value = "small,dsv3")]
-    shapes: String,
+    pub(crate) shapes: String,
     /// Passes of the GPU rows: `fwd` and/or `fwdbwd`.
     #[arg(long, default_value = "fwd,fwdbwd")]
-    modes: String,
+    pub(crate) modes: String,
     /// Untimed iterations before each GPU row (autotune and kernel compilation happen here).
     #[arg(long, default_value_t = 3)]
-    warmup: usize,
+    pub(crate) warmup: usize,
     /// Timed iterations per GPU row (the median is reported).
     #[arg(long, default_value_t = 10)]
-    reps: usize,
+    pub(crate) reps: usize,
     /// Where the GPU results go (`ours.jsonl`, `torch.json`, `memory.txt`, `table.md`); by
     /// default `target/gpu-bench`, and `target/gpu-bench-wgpu` for wgpu so that both are kept.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Copy the built binary and PyTorch's script here (for a machine without cargo), and stop.
     #[arg(long)]
-    stage: Option<PathBuf>,
+    pub(crate) stage: Option<PathBuf>,
     /// Use `moe-gpu-bench` (and `torch_moe_bench.py`) from this folder instead of building.
     #[arg(long)]
-    prebuilt: Option<PathBuf>,
+    pub(crate) prebuilt: Option<PathBuf>,
     /// Skip PyTorch's baselines.
     #[arg(long)]
-    skip_torch: bool,
+    pub(crate) skip_torch: bool,
     /// Wall-clock limit of each child run, in seconds (one per shape and mode). Cold, cubecl's
     /// autotune costs 30-155 s per new layer shape on an H200 (docs/performance.md).
     #[arg(long, default_value_t = 1200)]
-    timeout: u64,
+    pub(crate) timeout: u64,
     /// Wall-clock limit of PyTorch's run, in seconds.
     #[arg(long, default_value_t = 300)]
-    torch_timeout: u64,
+    pub(crate) torch_timeout: u64,
     /// Add to the results already in `--out` instead of starting afresh (to split the rows over
     /// several runs).
     #[arg(long)]
-    append: bool,
+    pub(crate) append: bool,
     /// What `moe-gpu-bench` times (its `--what`), instead of the default rows per shape and mode.
     #[arg(long)]
-    what: Option<String>,
+    pub(crate) what: Option<String>,
+    /// `--train`: optimizer steps of each run.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) train_steps: usize,
+    /// `--train`: our runs, one per `train.precision`.
+    #[arg(long, default_value = "bf16")]
+    pub(crate) precisions: String,
+    /// `--train`: PyTorch's modes (`f32`, `tf32`, `bf16`, `bf16-compile`).
+    #[arg(long, default_value = "bf16,bf16-compile")]
+    pub(crate) torch_modes: String,
 }
 
 const TOKENS: f64 = 4096.0;
@@ -93,7 +106,9 @@ const TOKENS: f64 = 4096.0;
 pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     match args.backend.as_str() {
         "cpu" => {}
+        "cuda" | "wgpu" if args.train => return crate::train_bench::run(&args.gpu, &args.backend),
         "cuda" | "wgpu" => return run_gpu(&args.gpu, &args.backend, args.report_only),
+        _ if args.train => return Err("--train: expected a GPU backend, `--backend cuda` or `wgpu`".into()),
         other => return Err(format!("--backend {other}: expected `cpu`, `cuda` or `wgpu`")),
     }
     let root = workspace_root();
@@ -219,7 +234,7 @@ const TORCH_SCRIPT: &str = "torch_moe_bench.py";
 /// Dense bf16 peak the table's fractions are of (H200, the number).
 const PEAK_TFLOPS: f64 = 759.0;
 
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
 }
 
@@ -265,8 +280,16 @@ impl MemorySampler {
     }
 }
 
-/// Runs `cmd` with a wall-clock limit; returns a line for the log.
-fn run_limited(label: &str, mut cmd: Command, limit: Duration, memory_log: &mut String) -> String {
+/// How a child run ended.
+pub(crate) struct Finished {
+    /// Its exit status, or why it has none.
+    pub(crate) outcome: String,
+    /// The GPU's peak used memory while it ran, when sampled.
+    pub(crate) peak_mib: Option<u64>,
+}
+
+/// Runs `cmd` with a wall-clock limit; adds a line to the log.
+pub(crate) fn run_limited(label: &str, mut cmd: Command, limit: Duration, memory_log: &mut String) -> Finished {
     println!("\n== {label}");
     let sampler = MemorySampler::start();
     let started = Instant::now();
@@ -296,7 +319,7 @@ fn run_limited(label: &str, mut cmd: Command, limit: Duration, memory_log: &mut 
     println!("-- {line}");
     memory_log.push_str(&line);
     memory_log.push('\n');
-    line
+    Finished { outcome, peak_mib: memory.map(|(_, peak)| peak) }
 }
 
 fn run_gpu(args: &GpuArgs, backend: &str, report_only: bool) -> Result<(), String> {

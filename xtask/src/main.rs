@@ -3,6 +3,7 @@
 
 mod bench;
 mod runner;
+mod train_bench;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
