@@ -353,7 +353,7 @@ fn time_stages<B: GpuBackend>(args: &Args, device: &B::Device, t: usize) {
     let sh = args.shape;
     let layer = sh.layer::<B>(device);
     let x = Tensor::<B, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), device);
-    let routing = layer.router.forward_with(x.clone(), B::moe_gate, B::moe_expert_counts);
+    let routing = layer.router.forward(x.clone());
     let choice = routing.scores.clone() + layer.router.bias().reshape([1, sh.e]);
     let selection = layer.router.selection();
     let plan = B::moe_plan(routing.expert_ids.clone(), None, sh.e, CapacityLimit::Dropless).expect("valid plan");
@@ -469,9 +469,7 @@ fn run<B: GpuBackend>(args: &Args) {
         if wants("router") && fwd {
             let layer = sh.layer::<B>(&device);
             let x = Tensor::<B, 2>::random([t, sh.d], Distribution::Normal(0.0, 1.0), &device);
-            let timing = time::<B, _>(&device, args.schedule, || {
-                layer.router.forward_with(x.clone(), B::moe_gate, B::moe_expert_counts)
-            });
+            let timing = time::<B, _>(&device, args.schedule, || layer.router.forward(x.clone()));
             emit::<B>(args, Row { shape: sh.name, tokens: t, mode: "fwd", what: "router", flops: 0.0, timing });
             drop(layer);
             B::memory_cleanup(&device);

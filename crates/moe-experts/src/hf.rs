@@ -7,7 +7,8 @@
 
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
-use moe_router::{RouterConfig, ScoreFunction};
+use moe_kernels::ScoreFunction;
+use moe_router::RouterConfig;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

@@ -179,7 +179,9 @@ impl<B: Backend> MoeLayer<B> {
         }
         Ok((x.reshape([dims[0] * dims[1], dims[2]]), dims))
     }
+}
 
+impl<B: MoeBackend> MoeLayer<B> {
     /// The per-expert loop version of [`MoeLayer::forward`] (dropless, no losses): the oracle
     /// and the bench baseline.
     pub fn forward_loop(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, MoeError> {
@@ -188,9 +190,7 @@ impl<B: Backend> MoeLayer<B> {
         let routed = self.experts.forward_loop(flat.clone(), routing.expert_ids, routing.weights);
         Ok(plus(routed, self.shared.as_ref().map(|shared| shared.forward(flat))).reshape(dims))
     }
-}
 
-impl<B: MoeBackend> MoeLayer<B> {
     /// `x` `[batch, seq, d]` -> `[batch, seq, d]` and the auxiliary record. Sequences matter
     /// only to the sequence-wise balance loss.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<(Tensor<B, 3>, MoeAux<B>), MoeError> {
@@ -233,7 +233,7 @@ impl<B: MoeBackend> MoeLayer<B> {
     /// [`MoeLayer::route`] on the flattened input `[batch * seq, d]` of `dims`.
     fn route_flat(&self, flat: Tensor<B, 2>, dims: [usize; 3]) -> MoeAux<B> {
         let dtype = flat.dtype();
-        let routing = self.router.forward_with(flat, B::moe_gate, B::moe_expert_counts);
+        let routing = self.router.forward(flat);
         let weighted = |alpha: f64| (alpha > 0.0).then_some(alpha);
         // Computed in f32 with the router; handed back in the model's dtype so they add to
         // its loss.

@@ -7,7 +7,8 @@ use burn::tensor::{Distribution, Tensor, TensorData, activation};
 use common::{host, host_int, max_rel, reference_route};
 use moe_experts::{CapacityConfig, DropPolicy, MoeLayer, MoeLayerConfig};
 use moe_kernels::CapacityLimit;
-use moe_router::{RouterConfig, ScoreFunction};
+use moe_kernels::ScoreFunction;
+use moe_router::RouterConfig;
 use proptest::prelude::*;
 
 type B = NdArray;

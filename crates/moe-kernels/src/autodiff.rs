@@ -10,7 +10,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor};
-use moe_router::{GateRule, Gated, Selection};
+use crate::{GateRule, Gated, Selection};
 
 use crate::portable::swiglu_by_grouped_matmuls;
 use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor};

@@ -43,15 +43,18 @@ mod backends;
 #[cfg(feature = "cube")]
 pub mod cube;
 mod error;
+mod gate;
 mod plan;
 pub mod portable;
+mod select;
 
 pub use error::KernelError;
+pub use gate::{GateRule, Gated, ScoreFunction};
 pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
+pub use select::{Selection, mask_groups, top_k_lowest_id};
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
-use moe_router::{GateRule, Gated, Selection};
 
 /// The MoE operations a backend may specialise. Every method has a portable default.
 ///
@@ -107,7 +110,7 @@ pub trait MoeBackend: Backend {
     /// Pairs per expert of `expert_ids` `[T, K]` (ids in `0..num_experts`): the router's
     /// counts. The default is a scatter-add.
     fn moe_expert_counts(expert_ids: Tensor<Self, 2, Int>, num_experts: usize) -> Tensor<Self, 1, Int> {
-        moe_router::count_experts(expert_ids, num_experts)
+        portable::count_experts(expert_ids, num_experts)
     }
 
     /// Gathers token rows `x` `[T, d]` into the plan's dispatch layout.

@@ -106,7 +106,7 @@ pub fn plan_with_kernels<B: Backend>(
         None => {
             // Clamped so that a bad id can never index out of bounds before it is reported.
             let clamped = flat.clone().clamp(0, num_experts as i64 - 1);
-            let counts = moe_router::count_experts(clamped.reshape([tokens, top_k]), num_experts);
+            let counts = count_experts(clamped.reshape([tokens, top_k]), num_experts);
             (Tensor::cat(vec![counts, flat.clone().min(), flat.clone().max()], 0), None)
         }
     };
@@ -406,6 +406,18 @@ fn combine_grad_weights<B: Backend>(
     let f32 = burn::tensor::DType::F32;
     let products = picked.cast(f32) * grad_out.cast(f32).reshape([t, 1, d]);
     products.sum_dim(2).reshape([t, k]).cast(weights.dtype())
+}
+
+/// Pairs per expert of `expert_ids` `[T, K]`, by a scatter-add: the router's portable count.
+pub fn count_experts<B: Backend>(expert_ids: Tensor<B, 2, Int>, num_experts: usize) -> Tensor<B, 1, Int> {
+    let [tokens, top_k] = expert_ids.dims();
+    let device = expert_ids.device();
+    Tensor::<B, 1, Int>::zeros([num_experts], &device).scatter(
+        0,
+        expert_ids.reshape([tokens * top_k]),
+        Tensor::ones([tokens * top_k], &device),
+        IndexingUpdateOp::Add,
+    )
 }
 
 #[cfg(test)]

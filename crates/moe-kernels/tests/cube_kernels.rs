@@ -402,7 +402,7 @@ fn combine_matches_the_host_sum_on_cuda() {
 /// with many ties (values on a coarse grid), NaN, `-inf`, and rows of nothing but those.
 fn check_selection<R: CubeRuntime>(device: &R::Device) {
     use burn::backend::NdArray;
-    use moe_router::Selection;
+    use moe_kernels::Selection;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     println!("selection seed {seed}");
     let mut rng = Lcg(seed);
@@ -501,7 +501,7 @@ fn silu_mul_matches_the_host_on_cuda() {
 /// with NaN and infinities and a bias that changes the choice; then its backward.
 fn check_gate<R: CubeRuntime>(device: &R::Device) {
     use burn::backend::NdArray;
-    use moe_router::{GateRule, ScoreFunction, Selection};
+    use moe_kernels::{GateRule, ScoreFunction, Selection};
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     println!("gate seed {seed}");
     let mut rng = Lcg(seed);
@@ -559,7 +559,7 @@ fn check_gate<R: CubeRuntime>(device: &R::Device) {
 /// the logits' gradient of `sum(weights * gw) + sum(scores * gs)` for random `gw`, `gs`.
 fn check_gate_grad<R: CubeRuntime>(
     device: &R::Device,
-    rule: &moe_router::GateRule,
+    rule: &moe_kernels::GateRule,
     (logits, bias): (TensorData, TensorData),
     rng: &mut Lcg,
 ) {
@@ -569,7 +569,7 @@ fn check_gate_grad<R: CubeRuntime>(
     let grad_weights = TensorData::new(rng.values(tokens * top_k), [tokens, top_k]);
     let grad_scores = TensorData::new(rng.values(tokens * experts), [tokens, experts]);
     fn logits_grad<B: burn::tensor::backend::AutodiffBackend>(
-        gate: impl FnOnce(Tensor<B, 2>, Tensor<B, 1>) -> moe_router::Gated<B>,
+        gate: impl FnOnce(Tensor<B, 2>, Tensor<B, 1>) -> moe_kernels::Gated<B>,
         [logits, bias, grad_weights, grad_scores]: [TensorData; 4],
         device: &B::Device,
     ) -> Vec<f64> {

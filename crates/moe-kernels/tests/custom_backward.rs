@@ -387,7 +387,7 @@ proptest! {
 /// score functions, with and without normalisation.
 #[test]
 fn gate_gradients_match_finite_differences() {
-    use moe_router::{GateRule, ScoreFunction, Selection};
+    use moe_kernels::{GateRule, ScoreFunction, Selection};
     type Inner = NdArray<f64>;
     type B = Autodiff<Inner>;
     let case = case(6, 2, 8, |_, _| 0);

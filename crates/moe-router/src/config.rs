@@ -1,17 +1,6 @@
 use burn::config::Config;
-use serde::{Deserialize, Serialize};
+use moe_kernels::ScoreFunction;
 use thiserror::Error;
-
-/// How logits become affinities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ScoreFunction {
-    /// `sigmoid(logit)` per expert: DeepSeek-V3.
-    #[default]
-    Sigmoid,
-    /// Softmax over experts: DeepSeek-V2, Mixtral.
-    Softmax,
-}
 
 /// Configuration of a [`crate::TopKRouter`]. Call [`RouterConfig::validate`] (or `init`, which
 /// does) before use.

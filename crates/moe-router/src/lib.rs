@@ -25,11 +25,7 @@
 //! ```
 
 mod config;
-mod gate;
 mod router;
-mod select;
 
-pub use config::{RouterConfig, RouterConfigError, ScoreFunction};
-pub use gate::{GateRule, Gated};
-pub use router::{Routing, TopKRouter, count_experts};
-pub use select::{Selection, mask_groups, top_k_lowest_id};
+pub use config::{RouterConfig, RouterConfigError};
+pub use router::{Routing, TopKRouter};

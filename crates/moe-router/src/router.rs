@@ -1,22 +1,9 @@
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{FloatDType, Int, Tensor, backend::Backend};
+use moe_kernels::{GateRule, Gated, MoeBackend, ScoreFunction, Selection};
 
-use crate::gate::{GateRule, Gated};
-use crate::select::Selection;
-use crate::{RouterConfig, RouterConfigError, ScoreFunction};
-
-/// Pairs per expert of `expert_ids` `[T, K]`, by a scatter-add: the router's portable count.
-pub fn count_experts<B: Backend>(expert_ids: Tensor<B, 2, Int>, num_experts: usize) -> Tensor<B, 1, Int> {
-    let [tokens, top_k] = expert_ids.dims();
-    let device = expert_ids.device();
-    Tensor::<B, 1, Int>::zeros([num_experts], &device).scatter(
-        0,
-        expert_ids.reshape([tokens * top_k]),
-        Tensor::ones([tokens * top_k], &device),
-        burn::tensor::IndexingUpdateOp::Add,
-    )
-}
+use crate::{RouterConfig, RouterConfigError};
 
 /// DeepSeek-V3's gate: affinities, bias-steered top-K selection, weights from unbiased scores.
 #[derive(Module, Debug)]
@@ -77,31 +64,23 @@ impl RouterConfig {
     }
 }
 
-impl<B: Backend> TopKRouter<B> {
-    /// Routes `x` `[T, d]` (any float dtype; the math runs in f32), selecting by the portable
-    /// [`Selection::select`].
+impl<B: MoeBackend> TopKRouter<B> {
+    /// Routes `x` `[T, d]` (any float dtype; the math runs in f32) on the backend's kernels:
+    /// the logits by [`MoeBackend::moe_dense_matmul`], the gate by [`MoeBackend::moe_gate`]
+    /// (which must match the portable [`GateRule::apply`]) and the counts by
+    /// [`MoeBackend::moe_expert_counts`].
     pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
-        self.forward_with(x, |logits, bias, rule| rule.apply(logits, bias, |c, s| s.select(c)), count_experts)
-    }
-
-    /// [`TopKRouter::forward`] with other implementations of the gate and the count
-    /// (`moe_kernels` passes a backend's kernels): `gate` gets the logits `[T, E]` and the
-    /// bias `[E]` (both f32) and must return what [`GateRule::apply`] returns; `count` gets the
-    /// chosen ids `[T, K]` and `E` and returns the pairs per expert `[E]`.
-    pub fn forward_with(
-        &self,
-        x: Tensor<B, 2>,
-        gate: impl FnOnce(Tensor<B, 2>, Tensor<B, 1>, &GateRule) -> Gated<B>,
-        count: impl FnOnce(Tensor<B, 2, Int>, usize) -> Tensor<B, 1, Int>,
-    ) -> Routing<B> {
-        let logits = x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose());
+        let weight = self.weight.val().cast(FloatDType::F32).transpose();
+        let logits = B::moe_dense_matmul(x.cast(FloatDType::F32), weight);
         let experts = logits.dims()[1];
         let bias = self.bias.val().detach().cast(FloatDType::F32);
-        let Gated { scores, expert_ids, weights } = gate(logits.clone(), bias, &self.gate_rule());
-        let counts = count(expert_ids.clone(), experts);
+        let Gated { scores, expert_ids, weights } = B::moe_gate(logits.clone(), bias, &self.gate_rule());
+        let counts = B::moe_expert_counts(expert_ids.clone(), experts);
         Routing { expert_ids, weights, scores, logits, counts }
     }
+}
 
+impl<B: Backend> TopKRouter<B> {
     /// The gate's rule: score function, selection, normalisation and scale.
     pub fn gate_rule(&self) -> GateRule {
         GateRule {

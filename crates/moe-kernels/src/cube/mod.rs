@@ -43,11 +43,10 @@ use kernel::{
     count_experts, gather_rows, grouped_gemm, pair_dots, place_pairs, place_rows, scan_experts,
 };
 
-use moe_router::{GateRule, Gated, ScoreFunction, Selection};
 use pipelined::{CHUNK, Pipeline, grouped_gemm_pipelined};
 
 use crate::{
-    CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor, portable,
+    CapacityLimit, GateRule, Gated, ScoreFunction, Selection, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor, portable,
 };
 
 /// The kernels on a backend's primitives: the two grouped products, given the rows each
@@ -741,7 +740,7 @@ macro_rules! cube_moe_methods {
 
         fn moe_expert_counts(expert_ids: Tensor<Self, 2, Int>, num_experts: usize) -> Tensor<Self, 1, Int> {
             if !kernels_enabled() {
-                return moe_router::count_experts(expert_ids, num_experts);
+                return portable::count_experts(expert_ids, num_experts);
             }
             Tensor::from_primitive(Self::count_experts(expert_ids.into_primitive(), num_experts))
         }

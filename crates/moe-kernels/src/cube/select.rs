@@ -1,4 +1,4 @@
-//! The router's expert selection as one kernel: what `moe_router::Selection::select` computes
+//! The router's expert selection as one kernel: what `crate::Selection::select` computes
 //! with about ten tensor ops per chosen expert (and as many again per group), here one unit per
 //! token in one pass over its scores (two with groups). The gate kernel does the whole sigmoid
 //! gate around it (scores, selection, weights), which the portable gate runs as ten tensor ops.
@@ -8,13 +8,13 @@
 //! entries counting tied values once each, and experts outside the kept groups are `-inf`, so
 //! they are chosen (lowest id first) only when fewer than `K` others are left.
 
+use crate::{GateRule, Selection};
 use burn::tensor::Shape;
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use moe_router::{GateRule, Selection};
 
 /// The selection's comptime parameters (one kernel per router shape).
 #[derive(CubeType, Clone, Copy, Debug, PartialEq, Eq, Hash)]

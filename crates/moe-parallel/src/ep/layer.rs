@@ -257,7 +257,7 @@ impl<B: MoeBackend> ExpertParallelMoe<B> {
         if dims[0] == 0 {
             return self.empty_dispatch(rank, x);
         }
-        let routing = self.router.forward_with(x.clone(), B::moe_gate, B::moe_expert_counts);
+        let routing = self.router.forward(x.clone());
         let expert_ids = RoutedTokens::host_ids(routing.expert_ids);
         self.dispatch_routed(rank, RoutedTokens { x, expert_ids, weights: routing.weights })
     }

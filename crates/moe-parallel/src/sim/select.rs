@@ -9,7 +9,7 @@ const GROUP_SCORE_TOPK: usize = 2;
 /// Selects each token's experts the way DeepSeek-V3's gate does: with a node limit, a group's
 /// score is the sum of its 2 best expert scores, the best `keep_groups` groups stay, and the
 /// top `K` experts are taken from them; without one, the top `K` overall. Ties go to the
-/// lower id, as in `moe_router::top_k_lowest_id`. Buffers are reused across tokens.
+/// lower id, as in `moe_kernels::top_k_lowest_id`. Buffers are reused across tokens.
 #[derive(Debug, Clone)]
 pub(crate) struct NodeLimitedSelector {
     num_groups: usize,
@@ -93,7 +93,7 @@ mod tests {
     use crate::rng::SplitMix64;
     use burn::backend::NdArray;
     use burn::tensor::Tensor;
-    use moe_router::{mask_groups, top_k_lowest_id};
+    use moe_kernels::{mask_groups, top_k_lowest_id};
 
     /// The router's own selection (burn tensors) as the reference.
     fn router_selection(scores: &[f64], rows: usize, groups: usize, keep: Option<usize>, k: usize) -> Vec<usize> {

@@ -1,12 +1,24 @@
-//! The gate after the logits: affinities, the bias-steered selection and the weights, and the
-//! gradient of the logits through it. A backend may run the forward as one kernel and the
-//! backward as another (`moe_kernels`' `moe_gate` and `moe_gate_grad`); these tensor-op
-//! versions are what such kernels must match.
+//! The router's gate after the logits: affinities, the bias-steered selection and the weights,
+//! and the gradient of the logits through it. A backend may run the forward as one kernel and
+//! the backward as another ([`crate::MoeBackend::moe_gate`] and
+//! [`crate::MoeBackend::moe_gate_grad`]); these tensor-op versions are the contract such
+//! kernels must match.
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, activation, backend::Backend};
+use serde::{Deserialize, Serialize};
 
-use crate::ScoreFunction;
 use crate::select::Selection;
+
+/// How logits become affinities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreFunction {
+    /// `sigmoid(logit)` per expert: DeepSeek-V3.
+    #[default]
+    Sigmoid,
+    /// Softmax over experts: DeepSeek-V2, Mixtral.
+    Softmax,
+}
 
 /// The gate's rule: score function, selection, normalisation and scale.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,8 +1,11 @@
+//! The router's expert selection: the top-K of the biased scores inside the best groups, the
+//! rule every selection kernel must match.
+
 use burn::tensor::{Bool, Int, Tensor, backend::Backend};
 
 /// Everything the expert selection needs besides the biased scores: K and the group limit.
 /// [`Selection::select`] is the portable rule; a backend with its own selection kernel must
-/// return exactly the same ids (`moe_kernels::MoeBackend::moe_select_experts`).
+/// return exactly the same ids ([`crate::MoeBackend::moe_select_experts`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Selection {
     /// Experts chosen per token, `K`.
