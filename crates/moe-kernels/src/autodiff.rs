@@ -1,7 +1,9 @@
 //! [`MoeBackend`] for `Autodiff`: the gate, the grouped matmul, the SwiGLU activation, the
-//! permute, the combine and the causal attention have their own backward, which runs on the
-//! inner backend's `MoeBackend` methods, so a backend's kernels serve the backward too.
+//! permute, the combine, the causal attention, RMSNorm and the rotary embedding have their own
+//! backward, which runs on the inner backend's `MoeBackend` methods, so a backend's kernels
+//! serve the backward too.
 
+use crate::{GateRule, Gated, Selection};
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -10,7 +12,6 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor};
-use crate::{GateRule, Gated, Selection};
 
 use crate::portable::swiglu_by_grouped_matmuls;
 use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor};
@@ -169,6 +170,44 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         {
             OpsKind::Tracked(mut prep) => {
                 let state = SiluMulState { gate: prep.checkpoint(&gate), up: prep.checkpoint(&up) };
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        float_tensor(output)
+    }
+
+    // One tracked operation whose backward is the inverse rotation: `cos` and `sin` come from
+    // positions, never from parameters, so they are taken as constants.
+    fn moe_rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>, interleave: bool) -> Tensor<Self, 4> {
+        let x = x.into_primitive().tensor();
+        let (cos, sin) = (cos.inner(), sin.inner());
+        let output =
+            float_primitive(B::moe_rotary(float_tensor(x.primitive.clone()), cos.clone(), sin.clone(), interleave));
+        let output = match RotaryBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let state = RotaryState { cos: float_primitive(cos), sin: float_primitive(sin), interleave };
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        float_tensor(output)
+    }
+
+    // One tracked operation with its own backward, as for `moe_silu_mul`: burn's RMSNorm is
+    // about six operations forward and twelve back.
+    fn moe_rms_norm(x: Tensor<Self, 2>, gamma: Tensor<Self, 1>, epsilon: f64) -> Tensor<Self, 2> {
+        let x = x.into_primitive().tensor();
+        let gamma = gamma.into_primitive().tensor();
+        let output = float_primitive(B::moe_rms_norm(
+            float_tensor(x.primitive.clone()),
+            float_tensor(gamma.primitive.clone()),
+            epsilon,
+        ));
+        let output = match RmsNormBackward.prepare::<C>([x.node.clone(), gamma.node.clone()]).compute_bound().stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = RmsNormState { x: prep.checkpoint(&x), gamma: prep.checkpoint(&gamma), epsilon };
                 prep.finish(state, output)
             }
             OpsKind::UnTracked(prep) => prep.finish(output),
@@ -406,6 +445,61 @@ impl<B: MoeBackend> Backward<B, 2> for SiluMulBackward {
         }
         if let Some(parent) = up_parent {
             grads.register::<B>(parent.id, float_primitive(grad_up));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RotaryBackward;
+
+/// The rotation's angles (inner-backend primitives) and pair layout.
+#[derive(Debug, Clone)]
+struct RotaryState<B: MoeBackend> {
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    interleave: bool,
+}
+
+impl<B: MoeBackend> Backward<B, 1> for RotaryBackward {
+    type State = RotaryState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let RotaryState { cos, sin, interleave } = ops.state;
+        let grad = float_tensor::<B, 4>(grads.consume::<B>(&ops.node));
+        let grad = B::moe_rotary(grad, float_tensor(cos), float_tensor::<B, 2>(sin).neg(), interleave);
+        if let Some(parent) = parent {
+            grads.register::<B>(parent.id, float_primitive(grad));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+/// The norm's input and scale: the backward recomputes the statistics.
+#[derive(Debug, Clone)]
+struct RmsNormState {
+    x: NodeId,
+    gamma: NodeId,
+    epsilon: f64,
+}
+
+impl<B: MoeBackend> Backward<B, 2> for RmsNormBackward {
+    type State = RmsNormState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [x_parent, gamma_parent] = ops.parents;
+        let RmsNormState { x, gamma, epsilon } = ops.state;
+        let x = float_tensor::<B, 2>(checkpointer.retrieve_node_output(x));
+        let gamma = float_tensor::<B, 1>(checkpointer.retrieve_node_output(gamma));
+        let grad = float_tensor::<B, 2>(grads.consume::<B>(&ops.node));
+        let (grad_x, grad_gamma) = B::moe_rms_norm_grad(x, gamma, grad, epsilon);
+        if let Some(parent) = x_parent {
+            grads.register::<B>(parent.id, float_primitive(grad_x));
+        }
+        if let Some(parent) = gamma_parent {
+            grads.register::<B>(parent.id, float_primitive(grad_gamma));
         }
     }
 }

@@ -37,6 +37,7 @@
 //! out.into_data().assert_eq(&Tensor::<B, 2>::full([3, 5], 8.0, &device).into_data(), true);
 //! ```
 
+pub mod adamw;
 pub mod attention;
 mod autodiff;
 mod backends;
@@ -46,8 +47,11 @@ mod error;
 mod gate;
 mod plan;
 pub mod portable;
+pub mod rms_norm;
+pub mod rotary;
 mod select;
 
+pub use adamw::AdamWStep;
 pub use error::KernelError;
 pub use gate::{GateRule, Gated, ScoreFunction};
 pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
@@ -206,6 +210,46 @@ pub trait MoeBackend: Backend {
         scale: f64,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
         attention::causal_attention_grad(q, k, v, grad, scale)
+    }
+
+    /// One AdamW update of a flat parameter `param` from its gradient `grad` and moments
+    /// `moment_1`, `moment_2` (all of one length, f32 masters): the new parameter and moments,
+    /// [`adamw::adamw`] by default. The optimizer calls it on the inner backend, outside
+    /// autodiff; the cube backends run it as one kernel.
+    fn moe_adamw(
+        param: Tensor<Self, 1>,
+        grad: Tensor<Self, 1>,
+        moment_1: Tensor<Self, 1>,
+        moment_2: Tensor<Self, 1>,
+        step: &AdamWStep,
+    ) -> [Tensor<Self, 1>; 3] {
+        adamw::adamw(param, grad, moment_1, moment_2, step)
+    }
+
+    /// Rotary position embedding of `x` `[b, h, l, r]` (any strides) by `cos` and `sin`
+    /// `[l, r / 2]` (f32), pairs `(2i, 2i + 1)` when `interleave`, else `(i, i + r / 2)`:
+    /// [`rotary::rotary`] by default, one kernel on the cube backends. Under `Autodiff` its
+    /// backward is this rotation with `-sin`.
+    fn moe_rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>, interleave: bool) -> Tensor<Self, 4> {
+        rotary::rotary(x, cos, sin, interleave)
+    }
+
+    /// RMSNorm of the rows of `x` `[rows, d]` by `gamma` `[d]` with f32 statistics, in `x`'s
+    /// dtype: [`rms_norm::rms_norm`] by default. Under `Autodiff` its backward is
+    /// [`MoeBackend::moe_rms_norm_grad`], so each way is one operation on the cube backends.
+    fn moe_rms_norm(x: Tensor<Self, 2>, gamma: Tensor<Self, 1>, epsilon: f64) -> Tensor<Self, 2> {
+        rms_norm::rms_norm(x, gamma, epsilon)
+    }
+
+    /// Gradients of [`MoeBackend::moe_rms_norm`] with respect to `x` and `gamma` from the
+    /// output's gradient `grad`: [`rms_norm::rms_norm_grad`] by default.
+    fn moe_rms_norm_grad(
+        x: Tensor<Self, 2>,
+        gamma: Tensor<Self, 1>,
+        grad: Tensor<Self, 2>,
+        epsilon: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        rms_norm::rms_norm_grad(x, gamma, grad, epsilon)
     }
 
     /// Returns `out[t] = sum_k weights[t, k] * rows[row of (t, k)]`, `[T, d]`; a dropped

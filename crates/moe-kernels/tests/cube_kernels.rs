@@ -12,8 +12,8 @@ use burn::tensor::Int;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime};
-use moe_kernels::MoeBackend;
 use moe_kernels::cube::{MoeCubeKernels, launch_rows, launch_weight_grad, use_tensor_cores};
+use moe_kernels::{AdamWStep, MoeBackend};
 
 /// (name, rows per expert, a, b). On the tensor-core path, cases whose widths are multiples of
 /// 8 take the pipelined kernel (the first one with a depth shorter than one step and an output
@@ -293,16 +293,29 @@ fn wgmma_grouped_gemm_matches_the_host_loop_on_cuda() {
     }
 }
 
-/// The dense product (the shared experts' path) under `Autodiff` on the cube backend: its
-/// output and both gradients for the loss `sum(x w * r)` against the float64 host loop. In
-/// half precision on a device with tensor cores it is the grouped GEMM with one segment, and
-/// the row gradient that GEMM on the weights' transposed view.
+/// The dense product (the shared experts' and the router's path) under `Autodiff` on the cube
+/// backend: its output and both gradients for the loss `sum(x w * r)` against the float64 host
+/// loop. These narrow shapes, and half precision on a device with tensor cores, run the grouped
+/// GEMM with one segment, the row gradient that GEMM on the weights' transposed view, and the
+/// weight gradient the grouped weight gradient over row blocks.
 fn check_dense_product<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
-    type Tracked<R> = Autodiff<Backend<R>>;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     println!("seed {seed}");
     let mut rng = Lcg(seed);
-    let (t, a, b) = (200, 96, 72);
+    // The second shape's weight gradient is split into four row blocks (split-K).
+    for (t, a, b) in [(200, 96, 72), (1030, 64, 48)] {
+        check_dense_shape::<R>(&mut rng, (t, a, b), device, dtype, tolerance);
+    }
+}
+
+fn check_dense_shape<R: CubeRuntime>(
+    rng: &mut Lcg,
+    (t, a, b): (usize, usize, usize),
+    device: &R::Device,
+    dtype: DType,
+    tolerance: f64,
+) {
+    type Tracked<R> = Autodiff<Backend<R>>;
     let (x, xh) = upload::<R, 2>(rng.values(t * a), [t, a], dtype, device);
     let (w, wh) = upload::<R, 2>(rng.values(a * b), [a, b], dtype, device);
     let (r, rh) = upload::<R, 2>(rng.values(t * b), [t, b], dtype, device);
@@ -313,7 +326,8 @@ fn check_dense_product<R: CubeRuntime>(device: &R::Device, dtype: DType, toleran
     let (xt, wt) = (tracked(x), tracked(w));
     let rt = Tensor::<Tracked<R>, 2>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(r)));
     let out = Tracked::<R>::moe_dense_matmul(xt.clone(), wt.clone());
-    let label = format!("dense product ({dtype:?}, tensor cores {})", Backend::<R>::tensor_cores(dtype, device));
+    let label =
+        format!("dense product {t}x{a}x{b} ({dtype:?}, tensor cores {})", Backend::<R>::tensor_cores(dtype, device));
     check(&label, &download::<R, 2>(out.clone().inner().into_primitive().tensor()), &y, tolerance);
     let grads = (out * rt).sum().backward();
     let grad = |p: &Tensor<Tracked<R>, 2>| download::<R, 2>(p.grad(&grads).expect("tracked").into_primitive().tensor());
@@ -330,8 +344,7 @@ fn dense_product_matches_the_host_loop_on_wgpu() {
 #[cfg(feature = "cuda")]
 #[test]
 fn dense_product_matches_the_host_loop_on_cuda() {
-    // f32 takes burn's matmul, which runs on TF32 tensor cores there (3e-4 on the H200).
-    for (dtype, tolerance) in [(DType::F32, 2e-3), (DType::BF16, 1e-2)] {
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
         check_dense_product::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
     }
 }
@@ -679,5 +692,190 @@ fn attention_matches_the_host_ops_on_cuda() {
     // f32 runs burn's attention and matmuls (TF32 on the H200); bf16 the grouped products.
     for (dtype, tolerance) in [(DType::F32, 5e-3), (DType::BF16, 2e-2)] {
         check_attention::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
+    }
+}
+
+/// The AdamW kernel (through the backend's `moe_adamw`) against a float64 host loop of the
+/// update, with and without the clip (which acts: the gradient's norm is about 10 x the clip),
+/// on lengths that take 4-element vectors and none, from nonzero moments at step 3.
+fn check_adamw<R: CubeRuntime>(device: &R::Device) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("adamw seed {seed}");
+    let mut rng = Lcg(seed);
+    for n in [1000usize, 1001] {
+        for clip_norm in [None, Some(2.0f32)] {
+            let step =
+                AdamWStep { lr: 1e-2, beta_1: 0.9, beta_2: 0.95, epsilon: 1e-5, weight_decay: 0.1, time: 3, clip_norm };
+            let (p, ph) = upload::<R, 1>(rng.values(n), [n], DType::F32, device);
+            let (g, gh) = upload::<R, 1>(rng.values(n), [n], DType::F32, device);
+            let (m, mh) = upload::<R, 1>(rng.values(n).into_iter().map(|v| v * 0.1).collect(), [n], DType::F32, device);
+            let (v, vh) =
+                upload::<R, 1>(rng.values(n).into_iter().map(|v| v * v * 0.01).collect(), [n], DType::F32, device);
+            let norm = gh.iter().map(|g| g * g).sum::<f64>().sqrt();
+            let scale = clip_norm.map_or(1.0, |c| (c as f64 / norm).min(1.0));
+            let (b1, b2, t) = (step.beta_1 as f64, step.beta_2 as f64, step.time as i32);
+            let mut expected = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
+            for i in 0..n {
+                let g = gh[i] * scale;
+                let m = b1 * mh[i] + (1.0 - b1) * g;
+                let v = b2 * vh[i] + (1.0 - b2) * g * g;
+                let delta = (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + step.epsilon as f64);
+                expected[0][i] = ph[i] * (1.0 - step.lr * step.weight_decay as f64) - step.lr * delta;
+                expected[1][i] = m;
+                expected[2][i] = v;
+            }
+            let tensor = |t: CubeTensor<R>| Tensor::<Backend<R>, 1>::from_primitive(TensorPrimitive::Float(t));
+            let out = <Backend<R> as MoeBackend>::moe_adamw(tensor(p), tensor(g), tensor(m), tensor(v), &step);
+            for (name, (out, expected)) in
+                ["parameter", "first moment", "second moment"].iter().zip(out.into_iter().zip(&expected))
+            {
+                check(
+                    &format!("adamw {name} (n {n}, clip {clip_norm:?})"),
+                    &download::<R, 1>(out.into_primitive().tensor()),
+                    expected,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn adamw_matches_the_host_loop_on_wgpu() {
+    check_adamw::<cubecl::wgpu::WgpuRuntime>(&Default::default());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn adamw_matches_the_host_loop_on_cuda() {
+    check_adamw::<cubecl::cuda::CudaRuntime>(&Default::default());
+}
+
+/// RMSNorm under `Autodiff` on the cube backend (the row kernel each way) against a float64
+/// host loop: the output and the gradients of `x` and `gamma` for the loss `sum(y * r)`, on a
+/// row wider than the kernel's 128 units and one narrower.
+fn check_rms_norm<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    type Tracked<R> = Autodiff<Backend<R>>;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("rms_norm seed {seed}");
+    let mut rng = Lcg(seed);
+    let epsilon = 1e-6;
+    for (rows, d) in [(70usize, 520usize), (9, 37)] {
+        let (x, xh) = upload::<R, 2>(rng.values(rows * d), [rows, d], dtype, device);
+        let (r, rh) = upload::<R, 2>(rng.values(rows * d), [rows, d], dtype, device);
+        let (gamma, gh) = upload::<R, 1>(rng.values(d).into_iter().map(|v| 1.0 + v).collect(), [d], DType::F32, device);
+        let (mut y, mut dx, mut dgamma) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; d]);
+        for t in 0..rows {
+            let row = &xh[t * d..(t + 1) * d];
+            let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / d as f64 + epsilon).sqrt();
+            let dot = (0..d).map(|i| rh[t * d + i] * gh[i] * row[i] * inv).sum::<f64>() / d as f64;
+            for i in 0..d {
+                let normed = row[i] * inv;
+                y[t * d + i] = normed * gh[i];
+                dx[t * d + i] = inv * (rh[t * d + i] * gh[i] - normed * dot);
+                dgamma[i] += rh[t * d + i] * normed;
+            }
+        }
+        let xt = Tensor::<Tracked<R>, 2>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(x))).require_grad();
+        let gt =
+            Tensor::<Tracked<R>, 1>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(gamma))).require_grad();
+        let rt = Tensor::<Tracked<R>, 2>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(r)));
+        let out = Tracked::<R>::moe_rms_norm(xt.clone(), gt.clone(), epsilon);
+        let label = format!("rms_norm ({dtype:?}, {rows} x {d})");
+        check(&label, &download::<R, 2>(out.clone().inner().into_primitive().tensor()), &y, tolerance);
+        let grads = (out * rt).sum().backward();
+        check(
+            &format!("{label} x gradient"),
+            &download::<R, 2>(xt.grad(&grads).unwrap().into_primitive().tensor()),
+            &dx,
+            tolerance,
+        );
+        check(
+            &format!("{label} gamma gradient"),
+            &download::<R, 1>(gt.grad(&grads).unwrap().into_primitive().tensor()),
+            &dgamma,
+            tolerance,
+        );
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn rms_norm_matches_the_host_loop_on_wgpu() {
+    check_rms_norm::<cubecl::wgpu::WgpuRuntime>(&Default::default(), DType::F32, 1e-5);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn rms_norm_matches_the_host_loop_on_cuda() {
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        check_rms_norm::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
+    }
+}
+
+/// The rotary kernel under `Autodiff` on the cube backend against a float64 host rotation: the
+/// output and the input's gradient (the inverse rotation) for both pair layouts, reading a
+/// transposed view.
+fn check_rotary<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    type Tracked<R> = Autodiff<Backend<R>>;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("rotary seed {seed}");
+    let mut rng = Lcg(seed);
+    let (b, l, h, r) = (2, 7, 3, 10);
+    let half = r / 2;
+    let angles: Vec<f64> = rng.values(l * half).into_iter().map(|a| f64::from(a) * 3.0).collect();
+    let (cos, ch) = upload::<R, 2>(angles.iter().map(|a| a.cos() as f32).collect(), [l, half], DType::F32, device);
+    let (sin, sh) = upload::<R, 2>(angles.iter().map(|a| a.sin() as f32).collect(), [l, half], DType::F32, device);
+    let constant =
+        |p: CubeTensor<R>| Tensor::<Tracked<R>, 2>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(p)));
+    let (cos, sin) = (constant(cos), constant(sin));
+    for interleave in [true, false] {
+        let (x, xh) = upload::<R, 4>(rng.values(b * l * h * r), [b, l, h, r], dtype, device);
+        let (g, gh) = upload::<R, 4>(rng.values(b * h * l * r), [b, h, l, r], dtype, device);
+        let pair = |i: usize| if interleave { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let (mut y, mut dx) = (vec![0.0; b * h * l * r], vec![0.0; b * l * h * r]);
+        for bi in 0..b {
+            for hi in 0..h {
+                for p in 0..l {
+                    for i in 0..half {
+                        let (i0, i1) = pair(i);
+                        let src = |k: usize| ((bi * l + p) * h + hi) * r + k;
+                        let dst = |k: usize| ((bi * h + hi) * l + p) * r + k;
+                        let (c, s) = (ch[p * half + i], sh[p * half + i]);
+                        y[dst(i0)] = xh[src(i0)] * c - xh[src(i1)] * s;
+                        y[dst(i1)] = xh[src(i0)] * s + xh[src(i1)] * c;
+                        dx[src(i0)] = gh[dst(i0)] * c + gh[dst(i1)] * s;
+                        dx[src(i1)] = -gh[dst(i0)] * s + gh[dst(i1)] * c;
+                    }
+                }
+            }
+        }
+        let xt = Tensor::<Tracked<R>, 4>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(x))).require_grad();
+        let gt = Tensor::<Tracked<R>, 4>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(g)));
+        let out = Tracked::<R>::moe_rotary(xt.clone().swap_dims(1, 2), cos.clone(), sin.clone(), interleave);
+        let label = format!("rotary ({dtype:?}, interleave {interleave})");
+        check(&label, &download::<R, 4>(out.clone().inner().into_primitive().tensor()), &y, tolerance);
+        let grads = (out * gt).sum().backward();
+        check(
+            &format!("{label} gradient"),
+            &download::<R, 4>(xt.grad(&grads).unwrap().into_primitive().tensor()),
+            &dx,
+            tolerance,
+        );
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn rotary_matches_the_host_loop_on_wgpu() {
+    check_rotary::<cubecl::wgpu::WgpuRuntime>(&Default::default(), DType::F32, 1e-6);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn rotary_matches_the_host_loop_on_cuda() {
+    for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+        check_rotary::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
     }
 }

@@ -484,3 +484,86 @@ fn silu_mul_gradients_match_autodiff_of_the_ops() {
         }
     }
 }
+
+/// `Autodiff`'s RMSNorm (`moe_rms_norm`, one tracked operation) against burn's `RmsNorm`
+/// module and burn's autodiff of it, tracking the input and the scale, or one of them.
+#[test]
+fn rms_norm_matches_burns_module_and_its_autodiff() {
+    use burn::module::Param;
+    use burn::nn::RmsNormConfig;
+    type B = Autodiff<NdArray<f64>>;
+    let (n, d) = (6, 10);
+    let case = case(n, 1, 1, |_, _| 0);
+    let [x, r] = [0, 2].map(|s| case.values(s, n * d));
+    let gamma: Vec<f64> = case.values(1, d).iter().map(|v| 1.0 + v).collect();
+    let device = Default::default();
+    let values = |t: Tensor<NdArray<f64>, 2>| t.into_data().iter::<f64>().collect::<Vec<_>>();
+    for tracked in [(true, true), (true, false), (false, true)] {
+        let run = |ours: bool| {
+            let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [n, d]), &device);
+            let xt = if tracked.0 { xt.require_grad() } else { xt };
+            let mut norm = RmsNormConfig::new(d).with_epsilon(1e-3).init::<B>(&device);
+            let gt = Tensor::<B, 1>::from_data(TensorData::new(gamma.clone(), [d]), &device);
+            norm.gamma = Param::from_tensor(gt).set_require_grad(tracked.1);
+            let out = if ours {
+                B::moe_rms_norm(xt.clone(), norm.gamma.val(), norm.epsilon)
+            } else {
+                norm.forward(xt.clone())
+            };
+            let rt = Tensor::<B, 2>::from_data(TensorData::new(r.clone(), [n, d]), &device);
+            let grads = (out.clone() * rt).sum().backward();
+            let gamma_grad = norm.gamma.grad(&grads).map(|g| g.into_data().iter::<f64>().collect::<Vec<_>>());
+            (values(out.inner()), xt.grad(&grads).map(values), gamma_grad)
+        };
+        let (ours, reference) = (run(true), run(false));
+        assert_close(&format!("{tracked:?} out"), ours.0.iter().map(|&v| v as f32).collect(), &reference.0);
+        for (name, got, want) in [("x", ours.1, reference.1), ("gamma", ours.2, reference.2)] {
+            assert_eq!(got.is_some(), want.is_some(), "{tracked:?}: {name} tracked");
+            if let (Some(got), Some(want)) = (got, want) {
+                assert!(want.iter().any(|v| v.abs() > 1e-3), "{name}: an all-zero reference");
+                assert_close(&format!("{tracked:?} {name}"), got.iter().map(|&v| v as f32).collect(), &want);
+            }
+        }
+    }
+}
+
+/// `Autodiff`'s rotary embedding (`moe_rotary`, one tracked operation whose backward is the
+/// inverse rotation) against burn's autodiff of the ops in `rotary::rotary`, for both pair
+/// layouts, on a transposed view (as the model's `[b, l, h, r] -> [b, h, l, r]` heads).
+#[test]
+fn rotary_matches_autodiff_of_the_ops() {
+    type B = Autodiff<NdArray<f64>>;
+    let (b, l, h, r) = (2, 5, 3, 8);
+    let case = case(b * l, 1, 1, |_, _| 0);
+    let [x, g, angles] = [0, 1, 2].map(|s| case.values(s, b * l * h * r));
+    let device = Default::default();
+    let angles: Vec<f64> = angles[..l * r / 2].iter().map(|a| a * 3.0).collect();
+    let cos = Tensor::<B, 2>::from_data(TensorData::new(angles.iter().map(|a| a.cos()).collect(), [l, r / 2]), &device);
+    let sin = Tensor::<B, 2>::from_data(TensorData::new(angles.iter().map(|a| a.sin()).collect(), [l, r / 2]), &device);
+    let values = |t: Tensor<NdArray<f64>, 4>| t.into_data().iter::<f64>().collect::<Vec<_>>();
+    for interleave in [true, false] {
+        let run = |ours: bool| {
+            let xt = Tensor::<B, 4>::from_data(TensorData::new(x.clone(), [b, l, h, r]), &device).require_grad();
+            let heads = xt.clone().swap_dims(1, 2);
+            let out = if ours {
+                B::moe_rotary(heads, cos.clone(), sin.clone(), interleave)
+            } else {
+                moe_kernels::rotary::rotary(heads, cos.clone(), sin.clone(), interleave)
+            };
+            let gt = Tensor::<B, 4>::from_data(TensorData::new(g.clone(), [b, h, l, r]), &device);
+            let grads = (out.clone() * gt).sum().backward();
+            (values(out.inner()), values(xt.grad(&grads).expect("tracked")))
+        };
+        let (ours, reference) = (run(true), run(false));
+        assert_close(
+            &format!("interleave {interleave}: out"),
+            ours.0.iter().map(|&v| v as f32).collect(),
+            &reference.0,
+        );
+        assert_close(
+            &format!("interleave {interleave}: grad"),
+            ours.1.iter().map(|&v| v as f32).collect(),
+            &reference.1,
+        );
+    }
+}

@@ -553,6 +553,29 @@ pub(crate) fn place_rows<I: Int>(
 /// Units per cube of the row kernels (one output element each).
 pub(crate) const ROW_UNITS: u32 = 256;
 
+/// The sum of `value` over the cube's first `count` units (`count` a power of two, at most the
+/// cube's size), through `shared` (`count` entries) as a tree; every unit of the cube gets it,
+/// so every unit must call it. The stride grows from a literal: cubecl keeps a variable made
+/// from a constant immutable.
+#[cube]
+#[allow(clippy::manual_is_multiple_of)] // the cube macro expands operators, not `is_multiple_of`
+pub(crate) fn cube_sum(shared: &mut SharedMemory<f32>, value: f32, unit: usize, #[comptime] count: usize) -> f32 {
+    if unit < count {
+        shared[unit] = value;
+    }
+    sync_cube();
+    let mut stride = 1usize;
+    while stride < count {
+        if unit % (2 * stride) == 0 && unit < count {
+            let other = shared[unit + stride];
+            shared[unit] += other;
+        }
+        sync_cube();
+        stride *= 2;
+    }
+    shared[0]
+}
+
 /// `out[r] = x[source[r] - 1]`, a zero row where `source[r]` is 0 (padding): the permute. Each
 /// unit moves one vector of `N` elements (16 bytes where the widths allow, see
 /// `row_vector_size`); rows are contiguous when `N > 1`.

@@ -9,6 +9,7 @@
 //! Aligned half-precision products on devices with asynchronous copies run the pipelined
 //! kernel (`pipelined.rs`); every other case the general one (`kernel.rs`).
 
+mod adamw;
 mod attention;
 mod caches;
 mod flush;
@@ -18,7 +19,10 @@ mod hopper;
 mod hopper_source;
 mod kernel;
 mod pipelined;
+mod rms_norm;
+mod rotary;
 mod select;
+mod split_k;
 mod swiglu;
 
 pub use caches::keep_kernel_caches_in;
@@ -27,7 +31,7 @@ pub use flush::FlushPolicy;
 pub use hopper::{launch_rows_wgmma, launch_weight_grad_wgmma};
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Int, Shape, Tensor, backend::Backend};
+use burn::tensor::{DType, FloatDType, Int, Shape, Tensor, backend::Backend};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
@@ -46,7 +50,8 @@ use kernel::{
 use pipelined::{CHUNK, Pipeline, grouped_gemm_pipelined};
 
 use crate::{
-    CapacityLimit, GateRule, Gated, ScoreFunction, Selection, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor, portable,
+    AdamWStep, CapacityLimit, DispatchLayout, DispatchPlan, GateRule, Gated, KernelError, MoeBackend, ScoreFunction,
+    Selection, float_primitive, float_tensor, portable,
 };
 
 /// The kernels on a backend's primitives: the two grouped products, given the rows each
@@ -136,6 +141,41 @@ pub trait MoeCubeKernels: Backend {
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `x^T grad` `[a, b]` for `x` `[rows, a]` and `grad` `[rows, b]` of one float type, as the
+    /// grouped weight gradient over the row blocks `parts` (they add up to `rows`) and the sum
+    /// of its partial products.
+    fn dense_weight_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>, parts: &[usize]) -> FloatTensor<Self>;
+
+    /// AdamW's update of flat f32 tensors of one length (the contract is
+    /// [`crate::adamw::adamw`]): the new parameter and moments.
+    fn adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: [FloatTensor<Self>; 2],
+        step: &AdamWStep,
+    ) -> [FloatTensor<Self>; 3];
+
+    /// The rotary embedding of `x` `[b, h, l, r]` (any strides) by `cos`, `sin` (`[l, r / 2]`,
+    /// f32): a contiguous tensor of `x`'s shape and dtype.
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        interleave: bool,
+    ) -> FloatTensor<Self>;
+
+    /// RMSNorm of the rows of `x` `[rows, d]` by `gamma` (`[d]`, f32), in `x`'s dtype.
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
+
+    /// The backward of [`MoeCubeKernels::rms_norm`] from `grad` (`x`'s dtype): (`x`'s gradient,
+    /// `grad * x_hat` in f32, whose column sum is `gamma`'s gradient).
+    fn rms_norm_grad(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// Whether the grouped products of `dtype` tensors on `device` run on tensor cores.
@@ -352,6 +392,41 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         swiglu::launch_silu_mul_grad(gate, up, grad)
     }
 
+    fn dense_weight_grad(x: CubeTensor<R>, grad: CubeTensor<R>, parts: &[usize]) -> CubeTensor<R> {
+        let partials = Self::grouped_gemm_weight_grad(x, grad, parts);
+        if parts.len() == 1 {
+            let [a, b] = [partials.meta.shape()[1], partials.meta.shape()[2]];
+            return burn_cubecl::ops::reshape(partials, Shape::new([a, b]));
+        }
+        split_k::launch_sum_parts(partials)
+    }
+
+    fn adamw(
+        param: CubeTensor<R>,
+        grad: CubeTensor<R>,
+        [moment_1, moment_2]: [CubeTensor<R>; 2],
+        step: &AdamWStep,
+    ) -> [CubeTensor<R>; 3] {
+        adamw::launch_adamw(param, grad, moment_1, moment_2, step)
+    }
+
+    fn rotary(x: CubeTensor<R>, cos: CubeTensor<R>, sin: CubeTensor<R>, interleave: bool) -> CubeTensor<R> {
+        rotary::launch_rotary(x, cos, sin, interleave)
+    }
+
+    fn rms_norm(x: CubeTensor<R>, gamma: CubeTensor<R>, epsilon: f64) -> CubeTensor<R> {
+        rms_norm::launch_rms_norm(x, gamma, epsilon)
+    }
+
+    fn rms_norm_grad(
+        x: CubeTensor<R>,
+        gamma: CubeTensor<R>,
+        grad: CubeTensor<R>,
+        epsilon: f64,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        rms_norm::launch_rms_norm_grad(x, gamma, grad, epsilon)
+    }
+
     fn tensor_cores(dtype: DType, device: &R::Device) -> bool {
         tensor_cores_for(&R::client(device), dtype)
     }
@@ -373,6 +448,21 @@ fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
                     && strides[0].is_multiple_of(v)
                     && t.handle.offset_start.unwrap_or(0).is_multiple_of((v * bytes) as u64)
             })
+        })
+        .unwrap_or(1)
+}
+
+/// Elements per vector of contiguous `tensors` read as flat arrays of the first one's length
+/// (or a multiple of it): the most (up to 16 bytes) that divides that length and every start.
+fn flat_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
+    let bytes = tensors[0].dtype.size();
+    let elements = tensors[0].meta.num_elements();
+    [16 / bytes, 8 / bytes, 4 / bytes, 2 / bytes]
+        .into_iter()
+        .filter(|&v| v > 1)
+        .find(|&v| {
+            elements.is_multiple_of(v)
+                && tensors.iter().all(|t| t.handle.offset_start.unwrap_or(0).is_multiple_of((v * bytes) as u64))
         })
         .unwrap_or(1)
 }
@@ -666,11 +756,21 @@ fn u32_tensor<R: CubeRuntime>(like: &CubeTensor<R>, values: &[u32]) -> CubeTenso
     CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::new([values.len()]), handle, DType::U32)
 }
 
-/// Whether a dense product of `rows` rows runs on the grouped GEMM: on tensor cores, and not
-/// decode-sized (a handful of rows), where burn's matrix-vector kernels do better.
-fn dense_on_kernels<B: MoeCubeKernels>(rows: usize, dtype: DType, device: &B::Device) -> bool {
+/// Whether a dense product `[rows, inner] x [inner, cols]` runs on the grouped GEMM: not
+/// decode-sized (a handful of rows, where burn's matrix-vector kernels do better), and either on
+/// tensor cores or narrow (the router's `[T, d] x [d, E]` and its two gradients in f32). A
+/// narrow product is a small share of a step's work, and burn's matmul autotunes each new shape:
+/// the router's three cost 87 compiled candidates of a cold first step on the H200.
+fn dense_on_kernels<B: MoeCubeKernels>(
+    rows: usize,
+    inner: usize,
+    cols: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> bool {
     const MIN_ROWS: usize = 64;
-    kernels_enabled() && rows >= MIN_ROWS && B::tensor_cores(dtype, device)
+    const NARROW: usize = 128;
+    kernels_enabled() && rows >= MIN_ROWS && (inner.min(cols) <= NARROW || B::tensor_cores(dtype, device))
 }
 
 /// The `MoeBackend` methods of a backend with [`MoeCubeKernels`]: the cube backends and their
@@ -832,11 +932,69 @@ macro_rules! cube_moe_methods {
             (float_tensor(grad_gate), float_tensor(grad_up))
         }
 
+        fn moe_adamw(
+            param: Tensor<Self, 1>,
+            grad: Tensor<Self, 1>,
+            moment_1: Tensor<Self, 1>,
+            moment_2: Tensor<Self, 1>,
+            step: &AdamWStep,
+        ) -> [Tensor<Self, 1>; 3] {
+            let f32_only = [&param, &grad, &moment_1, &moment_2].iter().all(|t| t.dtype() == DType::F32);
+            if !kernels_enabled() || !f32_only {
+                return crate::adamw::adamw(param, grad, moment_1, moment_2, step);
+            }
+            Self::adamw(
+                float_primitive(param),
+                float_primitive(grad),
+                [float_primitive(moment_1), float_primitive(moment_2)],
+                step,
+            )
+            .map(float_tensor)
+        }
+
+        fn moe_rotary(
+            x: Tensor<Self, 4>,
+            cos: Tensor<Self, 2>,
+            sin: Tensor<Self, 2>,
+            interleave: bool,
+        ) -> Tensor<Self, 4> {
+            if !kernels_enabled() {
+                return crate::rotary::rotary(x, cos, sin, interleave);
+            }
+            let [cos, sin] = [cos, sin].map(|t| float_primitive(t.cast(FloatDType::F32)));
+            float_tensor(Self::rotary(float_primitive(x), cos, sin, interleave))
+        }
+
+        fn moe_rms_norm(x: Tensor<Self, 2>, gamma: Tensor<Self, 1>, epsilon: f64) -> Tensor<Self, 2> {
+            if !kernels_enabled() {
+                return crate::rms_norm::rms_norm(x, gamma, epsilon);
+            }
+            let gamma = float_primitive(gamma.cast(FloatDType::F32));
+            float_tensor(Self::rms_norm(float_primitive(x), gamma, epsilon))
+        }
+
+        fn moe_rms_norm_grad(
+            x: Tensor<Self, 2>,
+            gamma: Tensor<Self, 1>,
+            grad: Tensor<Self, 2>,
+            epsilon: f64,
+        ) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+            if !kernels_enabled() {
+                return crate::rms_norm::rms_norm_grad(x, gamma, grad, epsilon);
+            }
+            let (dtype, gamma_dtype) = (x.dtype(), gamma.dtype());
+            let gamma = float_primitive(gamma.cast(FloatDType::F32));
+            let grad = float_primitive(grad.cast(dtype));
+            let (grad_x, grad_normed) = Self::rms_norm_grad(float_primitive(x), gamma, grad, epsilon);
+            let grad_gamma = float_tensor::<Self, 2>(grad_normed).sum_dim(0).squeeze_dim::<1>(0).cast(gamma_dtype);
+            (float_tensor(grad_x), grad_gamma)
+        }
+
         fn moe_dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
             // The grouped GEMM with one segment: faster than burn's matmul on tensor cores,
             // while the scalar tile product (f32, devices without them) is slower.
-            let rows = x.dims()[0];
-            if !dense_on_kernels::<Self>(rows, x.dtype(), &x.device()) {
+            let ([rows, inner], cols) = (x.dims(), w.dims()[1]);
+            if !dense_on_kernels::<Self>(rows, inner, cols, x.dtype(), &x.device()) {
                 return x.matmul(w);
             }
             let w = float_primitive(w.unsqueeze_dim::<3>(0));
@@ -869,13 +1027,13 @@ macro_rules! cube_moe_methods {
         }
 
         fn moe_dense_matmul_grad_weights(x: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
-            let rows = x.dims()[0];
-            if !dense_on_kernels::<Self>(rows, x.dtype(), &x.device()) {
+            let ([rows, a], b) = (x.dims(), grad.dims()[1]);
+            if !dense_on_kernels::<Self>(rows, a, b, x.dtype(), &x.device()) {
                 return x.transpose().matmul(grad);
             }
             let grad = grad.cast(x.dtype());
-            let w = Self::grouped_gemm_weight_grad(float_primitive(x), float_primitive(grad), &[rows]);
-            float_tensor::<Self, 3>(w).squeeze_dim(0)
+            let parts = split_k::dense_weight_grad_parts(rows, a, b);
+            float_tensor(Self::dense_weight_grad(float_primitive(x), float_primitive(grad), &parts))
         }
 
         fn moe_grouped_swiglu(
@@ -928,6 +1086,16 @@ enum Kernel {
     /// Inputs: ids, ranks, segment starts (int), keeping `kept` pairs per expert, into `rows`
     /// rows (`padded`: some are padding); two int outputs (row of each pair, source of each row).
     PlaceRows { kept: usize, rows: usize, padded: bool },
+    /// Inputs: x, gradient, split into these row blocks.
+    DenseWeightGrad(Vec<usize>),
+    /// Inputs: parameter, gradient, both moments; three outputs (parameter, moments).
+    AdamW(AdamWStep),
+    /// Inputs: x, cos, sin (f32); pairs interleaved or split in halves.
+    Rotary(bool),
+    /// Inputs: x, gamma (f32), with this epsilon.
+    RmsNorm(f64),
+    /// Inputs: x, gamma (f32), gradient; two outputs (x's gradient, `grad * x_hat` in f32).
+    RmsNormGrad(f64),
 }
 
 impl Kernel {
@@ -947,6 +1115,11 @@ impl Kernel {
             Self::Count(_) => "moe_count_experts",
             Self::Place(_) => "moe_place_pairs",
             Self::PlaceRows { .. } => "moe_place_rows",
+            Self::DenseWeightGrad(_) => "moe_dense_weight_grad",
+            Self::AdamW(_) => "moe_adamw",
+            Self::Rotary(_) => "moe_rotary",
+            Self::RmsNorm(_) => "moe_rms_norm",
+            Self::RmsNormGrad(_) => "moe_rms_norm_grad",
         }
     }
 }
@@ -1001,6 +1174,25 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
                 handles.register_float_tensor::<B>(&out, scores);
                 handles.register_int_tensor::<B>(&self.desc.outputs[1].id, ids);
                 return handles.register_float_tensor::<B>(&self.desc.outputs[2].id, weights);
+            }
+            Kernel::DenseWeightGrad(parts) => B::dense_weight_grad(float(handles, 0), float(handles, 1), parts),
+            Kernel::Rotary(interleave) => {
+                B::rotary(float(handles, 0), float(handles, 1), float(handles, 2), *interleave)
+            }
+            Kernel::RmsNorm(epsilon) => B::rms_norm(float(handles, 0), float(handles, 1), *epsilon),
+            Kernel::RmsNormGrad(epsilon) => {
+                let (grad_x, grad_normed) =
+                    B::rms_norm_grad(float(handles, 0), float(handles, 1), float(handles, 2), *epsilon);
+                handles.register_float_tensor::<B>(&out, grad_x);
+                return handles.register_float_tensor::<B>(&self.desc.outputs[1].id, grad_normed);
+            }
+            Kernel::AdamW(step) => {
+                let moments = [float(handles, 2), float(handles, 3)];
+                let outputs = B::adamw(float(handles, 0), float(handles, 1), moments, step);
+                for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
+                    handles.register_float_tensor::<B>(&ir.id, tensor);
+                }
+                return;
             }
             Kernel::Count(experts) => {
                 let counts = B::count_experts(int(handles, 0), *experts);
@@ -1138,6 +1330,52 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
         let [grad_gate, grad_up] =
             fused_outputs::<B, 2>(Kernel::SiluMulGrad, vec![gate, up, grad], [output.clone(), output]);
         (grad_gate, grad_up)
+    }
+
+    fn adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        [moment_1, moment_2]: [FloatTensor<Self>; 2],
+        step: &AdamWStep,
+    ) -> [FloatTensor<Self>; 3] {
+        let shape = param.shape.clone();
+        let outputs = [0; 3].map(|_| (shape.clone(), DType::F32));
+        fused_outputs::<B, 3>(Kernel::AdamW(*step), vec![param, grad, moment_1, moment_2], outputs)
+    }
+
+    fn dense_weight_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>, parts: &[usize]) -> FloatTensor<Self> {
+        let shape = Shape::new([x.shape[1], grad.shape[1]]);
+        fused::<B>(Kernel::DenseWeightGrad(parts.to_vec()), vec![x, grad], shape, None)
+    }
+
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        interleave: bool,
+    ) -> FloatTensor<Self> {
+        let shape = x.shape.clone();
+        fused::<B>(Kernel::Rotary(interleave), vec![x, cos, sin], shape, None)
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+        let shape = x.shape.clone();
+        fused::<B>(Kernel::RmsNorm(epsilon), vec![x, gamma], shape, None)
+    }
+
+    fn rms_norm_grad(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (shape, dtype) = (x.shape.clone(), x.dtype);
+        let [grad_x, grad_normed] = fused_outputs::<B, 2>(
+            Kernel::RmsNormGrad(epsilon),
+            vec![x, gamma, grad],
+            [(shape.clone(), dtype), (shape, DType::F32)],
+        );
+        (grad_x, grad_normed)
     }
 
     fn tensor_cores(dtype: DType, device: &Self::Device) -> bool {
