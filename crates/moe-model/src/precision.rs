@@ -8,7 +8,7 @@
 //! logits, which the model returns in f32.
 
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::{FloatDType, Tensor, backend::Backend};
+use burn::tensor::Tensor;
 use moe_experts::MoeBackend;
 
 /// `layer` on `x` in `x`'s dtype, as one `[rows, d_in]` product
@@ -27,8 +27,11 @@ pub fn linear<B: MoeBackend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>)
     y.reshape(dims)
 }
 
-/// `norm` on `x` with its statistics and scale in f32; the result in `x`'s dtype.
-pub fn rms_norm<B: Backend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    let dtype = x.dtype();
-    norm.forward(x.cast(FloatDType::F32)).cast(dtype)
+/// `norm` on `x` with its statistics and scale in f32, the result in `x`'s dtype, as one
+/// operation over the rows ([`MoeBackend::moe_rms_norm`]).
+pub fn rms_norm<B: MoeBackend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    B::moe_rms_norm(x.reshape([rows, d]), norm.gamma.val(), norm.epsilon).reshape(dims)
 }
