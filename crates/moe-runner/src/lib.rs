@@ -3,6 +3,7 @@
 //! (`compare-balance`). The binary is a thin CLI over these modules, so tests drive them
 //! in-process.
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod compare;
 pub mod corpus;

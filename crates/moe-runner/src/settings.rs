@@ -94,7 +94,8 @@ pub struct OptimConfig {
     pub beta1: f64,
     /// Adam's beta2.
     pub beta2: f64,
-    /// Gradient-norm clipping threshold (0 turns clipping off).
+    /// Gradient-norm clipping threshold, per parameter tensor as burn's `GradientClipping::Norm`
+    /// (0 turns clipping off).
     pub grad_clip: f64,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,

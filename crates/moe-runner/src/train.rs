@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,6 +18,7 @@ use moe_model::{DeepSeekModel, ModelError};
 use moe_parallel::ep::{EpError, StepAccounting};
 use thiserror::Error;
 
+use crate::adamw::FusedAdamW;
 use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::corpus::{Batch, Corpus};
 use crate::expert_parallel::{RankMetrics, ShardedModel};
@@ -26,6 +27,9 @@ use crate::profile::{Phase, PhaseClock, median_line};
 use crate::rng::SplitMix64;
 use crate::schedule::learning_rate;
 use crate::settings::{BalanceMode, RunConfig, SettingsError};
+
+/// AdamW's epsilon: burn's default.
+const ADAMW_EPSILON: f32 = 1e-5;
 
 /// The routing trace of the validation set, in the run directory.
 pub const TRACE_FILE: &str = "routing_trace.bin";
@@ -239,14 +243,13 @@ where
     let compute_dtype = config.train.precision.compute_dtype::<B>(device, options.gpu)?;
     let mut model = build_model::<B>(&config, device)?.with_compute_dtype(compute_dtype);
     let o = &config.optim;
-    let mut adamw = AdamWConfig::new()
-        .with_beta_1(o.beta1 as f32)
-        .with_beta_2(o.beta2 as f32)
-        .with_weight_decay(o.weight_decay as f32);
-    if o.grad_clip > 0.0 {
-        adamw = adamw.with_grad_clipping(Some(GradientClippingConfig::Norm(o.grad_clip as f32)));
-    }
-    let mut optim = adamw.init::<B, DeepSeekModel<B>>();
+    let mut optim = OptimizerAdaptor::<_, DeepSeekModel<B>, B>::from(FusedAdamW {
+        beta_1: o.beta1 as f32,
+        beta_2: o.beta2 as f32,
+        epsilon: ADAMW_EPSILON,
+        weight_decay: o.weight_decay as f32,
+        clip_norm: (o.grad_clip > 0.0).then_some(o.grad_clip as f32),
+    });
     let mut rng = SplitMix64::new(config.train.seed ^ 0x5EED_0FBA_7C4E_5000);
     let mut step = 0;
     let mut elapsed_before = 0.0;
