@@ -76,8 +76,8 @@ pub(crate) struct GpuArgs {
     /// Skip PyTorch's baselines.
     #[arg(long)]
     pub(crate) skip_torch: bool,
-    /// Wall-clock limit of each child run, in seconds (one per shape and mode). Cold, cubecl's
-    /// autotune costs 30-155 s per new layer shape on an H200 (docs/performance.md).
+    /// Wall-clock limit of each child run, in seconds (one per shape and mode); a cold start
+    /// compiles and autotunes kernels first.
     #[arg(long, default_value_t = 1200)]
     pub(crate) timeout: u64,
     /// Wall-clock limit of PyTorch's run, in seconds.

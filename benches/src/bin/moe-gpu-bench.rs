@@ -6,7 +6,7 @@
 //! `"dtype"`). Run by `cargo xtask bench --backend cuda|wgpu`, which also runs PyTorch's
 //! baselines and prints the ratios.
 //!
-//! Method (a plain timing binary, not criterion: see docs/performance.md, "H200"): for each row,
+//! Method (a plain timing binary, not criterion: see docs/performance.md, "What is measured, and how"): for each row,
 //! `--warmup` untimed iterations first (cubecl autotunes and compiles kernels on first calls),
 //! then `--reps` timed iterations; each timed iteration is `Instant::now()`, the work, then
 //! `Backend::sync` (which flushes the fusion queue and waits for the device) before the clock

@@ -31,7 +31,7 @@ use super::pipelined::CHUNK;
 use super::{RowsLayout, row_tiles, rows_layout, u32_tensor, weight_grad_aligned};
 
 /// Output columns of one cube and shared-memory stages: the best of a sweep on the H200
-/// (docs/performance.md, eighth measurement).
+/// (commit 7059ed6; docs/performance.md, "What moved the numbers").
 const TILE_N: usize = 256;
 const STAGES: usize = 4;
 
