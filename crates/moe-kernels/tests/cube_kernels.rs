@@ -879,3 +879,52 @@ fn rotary_matches_the_host_loop_on_cuda() {
         check_rotary::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
     }
 }
+
+/// The causal softmax kernels (the attention's, on the grouped-GEMM route) against a float64
+/// host loop: the probabilities, and the backward's probabilities and scores' gradient, on
+/// sequences longer than the kernel's 128 units and shorter.
+fn check_causal_softmax<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("causal_softmax seed {seed}");
+    let mut rng = Lcg(seed);
+    let scale = 0.7;
+    for (sequences, l) in [(3usize, 200usize), (4, 5)] {
+        let rows = sequences * l;
+        let (scores, sh) =
+            upload::<R, 2>(rng.values(rows * l).iter().map(|v| 4.0 * v).collect(), [rows, l], dtype, device);
+        let (grad, gh) = upload::<R, 2>(rng.values(rows * l), [rows, l], dtype, device);
+        let (mut probs, mut grad_scores) = (vec![0.0; rows * l], vec![0.0; rows * l]);
+        for r in 0..rows {
+            let (row, query) = (r * l, r % l);
+            let max = (0..=query).map(|j| sh[row + j] * scale).fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = (0..=query).map(|j| (sh[row + j] * scale - max).exp()).sum();
+            for j in 0..=query {
+                probs[row + j] = (sh[row + j] * scale - max).exp() / sum;
+            }
+            let dot: f64 = (0..=query).map(|j| probs[row + j] * gh[row + j]).sum();
+            for j in 0..=query {
+                grad_scores[row + j] = scale * probs[row + j] * (gh[row + j] - dot);
+            }
+        }
+        let label = format!("causal_softmax ({dtype:?}, {sequences} x {l})");
+        let out = Backend::<R>::causal_softmax(scores.clone(), scale);
+        check(&label, &download::<R, 2>(out), &probs, tolerance);
+        let (again, grad_out) = Backend::<R>::causal_softmax_grad(scores, grad, scale);
+        check(&format!("{label} backward probabilities"), &download::<R, 2>(again), &probs, tolerance);
+        check(&format!("{label} scores gradient"), &download::<R, 2>(grad_out), &grad_scores, tolerance);
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn causal_softmax_matches_the_host_loop_on_wgpu() {
+    check_causal_softmax::<cubecl::wgpu::WgpuRuntime>(&Default::default(), DType::F32, 1e-5);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn causal_softmax_matches_the_host_loop_on_cuda() {
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        check_causal_softmax::<cubecl::cuda::CudaRuntime>(&Default::default(), dtype, tolerance);
+    }
+}

@@ -5,10 +5,11 @@
 //! burn 0.21's flash kernel (cubek) does not serve training here: on the H200 its autotune
 //! rejects every flash candidate for the `small` shape and keeps the decomposed fallback, whose
 //! batched matmuls each autotune about 30 kernels on a cold cache (minutes), and it has no
-//! backward. The scores come out of the GEMM in the operands' dtype and the softmax runs in f32,
-//! as PyTorch's math attention under autocast does.
+//! backward. The scores come out of the GEMM in the operands' dtype; the causal softmax and its
+//! backward are one row kernel each (`causal_softmax.rs`), in f32 inside, as PyTorch's math
+//! attention under autocast computes it.
 
-use burn::tensor::{Bool, FloatDType, Tensor, activation::softmax};
+use burn::tensor::Tensor;
 
 use super::{MoeCubeKernels, kernels_enabled};
 use crate::{float_primitive, float_tensor};
@@ -42,13 +43,9 @@ fn transposed_product<B: MoeCubeKernels>(rows: Tensor<B, 2>, grad: Tensor<B, 2>,
     float_tensor(B::grouped_gemm_weight_grad(float_primitive(rows), float_primitive(grad), segments))
 }
 
-/// The causal softmax of `scale q k^T`, in f32, `[b h l, l]`.
-fn probabilities<B: MoeCubeKernels>(q: Tensor<B, 4>, k: Tensor<B, 4>, scale: f64, segments: &[usize]) -> Tensor<B, 2> {
-    let [b, h, l, _] = q.dims();
-    let scores = product(rows(q), matrices(k).swap_dims(1, 2), segments).cast(FloatDType::F32).mul_scalar(scale);
-    // True where the key lies after the query: the future, which a causal model must not see.
-    let future = Tensor::<B, 2, Bool>::tril_mask([l, l], 0, &scores.device()).unsqueeze::<3>().expand([b * h, l, l]);
-    softmax(scores.reshape([b * h, l, l]).mask_fill(future, f32::NEG_INFINITY), 2).reshape([b * h * l, l])
+/// The raw scores `q k^T` of every sequence, `[b h l, l]`, in the operands' dtype.
+fn scores<B: MoeCubeKernels>(q: Tensor<B, 4>, k: Tensor<B, 4>, segments: &[usize]) -> Tensor<B, 2> {
+    product(rows(q), matrices(k).swap_dims(1, 2), segments)
 }
 
 /// [`crate::attention::causal_attention`] on the grouped GEMM.
@@ -59,8 +56,8 @@ pub(super) fn forward<B: MoeCubeKernels>(
     scale: f64,
 ) -> Tensor<B, 4> {
     let [b, h, l, _] = q.dims();
-    let (dtype, segments) = (q.dtype(), vec![l; b * h]);
-    let probs = probabilities(q, k, scale, &segments).cast(dtype);
+    let segments = vec![l; b * h];
+    let probs = float_tensor(B::causal_softmax(float_primitive(scores(q, k, &segments)), scale));
     product(probs, matrices(v.clone()), &segments).reshape([b, h, l, v.dims()[3]])
 }
 
@@ -74,12 +71,12 @@ pub(super) fn backward<B: MoeCubeKernels>(
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let ([b, h, l, e], ev) = (q.dims(), v.dims()[3]);
     let (dtype, segments) = (q.dtype(), vec![l; b * h]);
-    let probs = probabilities(q.clone(), k.clone(), scale, &segments);
     let grad = rows(grad.cast(dtype));
-    let grad_v = transposed_product(probs.clone().cast(dtype), grad.clone(), &segments);
-    let grad_probs = product(grad, matrices(v).swap_dims(1, 2), &segments).cast(FloatDType::F32);
-    let row = (probs.clone() * grad_probs.clone()).sum_dim(1);
-    let grad_scores = (probs * (grad_probs - row)).mul_scalar(scale).cast(dtype);
+    let grad_probs = product(grad.clone(), matrices(v).swap_dims(1, 2), &segments);
+    let scores = scores(q.clone(), k.clone(), &segments);
+    let (probs, grad_scores) = B::causal_softmax_grad(float_primitive(scores), float_primitive(grad_probs), scale);
+    let (probs, grad_scores) = (float_tensor::<B, 2>(probs), float_tensor::<B, 2>(grad_scores));
+    let grad_v = transposed_product(probs, grad, &segments);
     let grad_q = product(grad_scores.clone(), matrices(k), &segments);
     let grad_k = transposed_product(grad_scores, rows(q), &segments);
     (grad_q.reshape([b, h, l, e]), grad_k.reshape([b, h, l, e]), grad_v.reshape([b, h, l, ev]))

@@ -576,6 +576,26 @@ pub(crate) fn cube_sum(shared: &mut SharedMemory<f32>, value: f32, unit: usize, 
     shared[0]
 }
 
+/// [`cube_sum`]'s tree with the maximum in place of the sum.
+#[cube]
+#[allow(clippy::manual_is_multiple_of)] // the cube macro expands operators, not `is_multiple_of`
+pub(crate) fn cube_max(shared: &mut SharedMemory<f32>, value: f32, unit: usize, #[comptime] count: usize) -> f32 {
+    if unit < count {
+        shared[unit] = value;
+    }
+    sync_cube();
+    let mut stride = 1usize;
+    while stride < count {
+        if unit % (2 * stride) == 0 && unit < count {
+            let other = shared[unit + stride];
+            shared[unit] = f32::max(shared[unit], other);
+        }
+        sync_cube();
+        stride *= 2;
+    }
+    shared[0]
+}
+
 /// `out[r] = x[source[r] - 1]`, a zero row where `source[r]` is 0 (padding): the permute. Each
 /// unit moves one vector of `N` elements (16 bytes where the widths allow, see
 /// `row_vector_size`); rows are contiguous when `N > 1`.

@@ -12,6 +12,7 @@
 mod adamw;
 mod attention;
 mod caches;
+mod causal_softmax;
 mod flush;
 #[cfg(feature = "cuda")]
 mod hopper;
@@ -176,6 +177,18 @@ pub trait MoeCubeKernels: Backend {
         gamma: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The causal softmax of `scale * scores` (`[sequences * l, l]`, row `r` is query `r % l`):
+    /// probabilities in the scores' dtype, 0 past the query, computed in f32.
+    fn causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+
+    /// The backward of [`MoeCubeKernels::causal_softmax`] from the same `scores` and the
+    /// probabilities' gradient: (the probabilities, the scores' gradient), in the scores' dtype.
+    fn causal_softmax_grad(
+        scores: FloatTensor<Self>,
+        grad_probs: FloatTensor<Self>,
+        scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// Whether the grouped products of `dtype` tensors on `device` run on tensor cores.
@@ -425,6 +438,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeCubeKer
         epsilon: f64,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
         rms_norm::launch_rms_norm_grad(x, gamma, grad, epsilon)
+    }
+
+    fn causal_softmax(scores: CubeTensor<R>, scale: f64) -> CubeTensor<R> {
+        causal_softmax::launch_causal_softmax(scores, scale)
+    }
+
+    fn causal_softmax_grad(scores: CubeTensor<R>, grad_probs: CubeTensor<R>, scale: f64) -> (CubeTensor<R>, CubeTensor<R>) {
+        causal_softmax::launch_causal_softmax_grad(scores, grad_probs, scale)
     }
 
     fn tensor_cores(dtype: DType, device: &R::Device) -> bool {
@@ -1096,6 +1117,11 @@ enum Kernel {
     RmsNorm(f64),
     /// Inputs: x, gamma (f32), gradient; two outputs (x's gradient, `grad * x_hat` in f32).
     RmsNormGrad(f64),
+    /// Inputs: scores, with this scale.
+    CausalSoftmax(f64),
+    /// Inputs: scores, the probabilities' gradient, with this scale; two outputs
+    /// (probabilities, the scores' gradient).
+    CausalSoftmaxGrad(f64),
 }
 
 impl Kernel {
@@ -1120,6 +1146,8 @@ impl Kernel {
             Self::Rotary(_) => "moe_rotary",
             Self::RmsNorm(_) => "moe_rms_norm",
             Self::RmsNormGrad(_) => "moe_rms_norm_grad",
+            Self::CausalSoftmax(_) => "moe_causal_softmax",
+            Self::CausalSoftmaxGrad(_) => "moe_causal_softmax_grad",
         }
     }
 }
@@ -1185,6 +1213,12 @@ impl<B: FusionBackend + MoeCubeKernels> Operation<B::FusionRuntime> for KernelOp
                     B::rms_norm_grad(float(handles, 0), float(handles, 1), float(handles, 2), *epsilon);
                 handles.register_float_tensor::<B>(&out, grad_x);
                 return handles.register_float_tensor::<B>(&self.desc.outputs[1].id, grad_normed);
+            }
+            Kernel::CausalSoftmax(scale) => B::causal_softmax(float(handles, 0), *scale),
+            Kernel::CausalSoftmaxGrad(scale) => {
+                let (probs, grad_scores) = B::causal_softmax_grad(float(handles, 0), float(handles, 1), *scale);
+                handles.register_float_tensor::<B>(&out, probs);
+                return handles.register_float_tensor::<B>(&self.desc.outputs[1].id, grad_scores);
             }
             Kernel::AdamW(step) => {
                 let moments = [float(handles, 2), float(handles, 3)];
@@ -1376,6 +1410,22 @@ impl<B: FusionBackend + MoeCubeKernels> MoeCubeKernels for Fusion<B> {
             [(shape.clone(), dtype), (shape, DType::F32)],
         );
         (grad_x, grad_normed)
+    }
+
+    fn causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        let shape = scores.shape.clone();
+        fused::<B>(Kernel::CausalSoftmax(scale), vec![scores], shape, None)
+    }
+
+    fn causal_softmax_grad(
+        scores: FloatTensor<Self>,
+        grad_probs: FloatTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let output = (scores.shape.clone(), scores.dtype);
+        let [probs, grad_scores] =
+            fused_outputs::<B, 2>(Kernel::CausalSoftmaxGrad(scale), vec![scores, grad_probs], [output.clone(), output]);
+        (probs, grad_scores)
     }
 
     fn tensor_cores(dtype: DType, device: &Self::Device) -> bool {
