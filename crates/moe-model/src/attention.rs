@@ -83,8 +83,9 @@ impl<B: MoeBackend> MultiHeadAttention<B> {
     /// Rotated queries and keys, and values, `[batch, heads, seq, d / heads]`, of `x` at
     /// positions `start..`.
     fn project(&self, x: Tensor<B, 3>, start: usize) -> [Tensor<B, 4>; 3] {
-        let q = self.rope.apply(self.split_heads(linear(&self.query, x.clone())), start);
-        let k = self.rope.apply(self.split_heads(linear(&self.key, x.clone())), start);
+        let q = self.split_heads(linear(&self.query, x.clone()));
+        let k = self.split_heads(linear(&self.key, x.clone()));
+        let [q, k] = self.rope.apply_each([q, k], start);
         [q, k, self.split_heads(linear(&self.value, x))]
     }
 

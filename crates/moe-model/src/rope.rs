@@ -224,7 +224,17 @@ impl<B: Backend> RotaryEmbedding<B> {
     where
         B: MoeBackend,
     {
-        let (cos, sin) = self.cos_sin(start, x.dims()[2]);
-        B::moe_rotary(x, cos, sin, self.interleave)
+        let [x] = self.apply_each([x], start);
+        x
+    }
+
+    /// [`RotaryEmbedding::apply`] on tensors of one length (queries and keys), forming cos and
+    /// sin once for all of them.
+    pub fn apply_each<const N: usize>(&self, xs: [Tensor<B, 4>; N], start: usize) -> [Tensor<B, 4>; N]
+    where
+        B: MoeBackend,
+    {
+        let (cos, sin) = self.cos_sin(start, xs[0].dims()[2]);
+        xs.map(|x| B::moe_rotary(x, cos.clone(), sin.clone(), self.interleave))
     }
 }
