@@ -20,7 +20,9 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     // The inner backend's layout: the backward below runs each segment on the inner backend,
     // so `Segments` no longer goes through burn's `narrow` backward, which writes a full-size
     // zero gradient per segment (O(E * N * d)).
-    const LAYOUT: DispatchLayout = B::LAYOUT;
+    fn layout() -> DispatchLayout {
+        B::layout()
+    }
 
     // The plan holds int tensors only, which autodiff does not track: the inner backend plans
     // (with its own kernels, if any) and the plan is wrapped back.

@@ -12,12 +12,16 @@ where
     burn::backend::ndarray::NdArrayTensor:
         From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
 {
-    const LAYOUT: DispatchLayout = DispatchLayout::Segments;
+    fn layout() -> DispatchLayout {
+        DispatchLayout::Segments
+    }
 }
 
 #[cfg(feature = "flex")]
 impl MoeBackend for burn::backend::Flex {
-    const LAYOUT: DispatchLayout = DispatchLayout::Segments;
+    fn layout() -> DispatchLayout {
+        DispatchLayout::Segments
+    }
 }
 
 // burn-cuda and burn-wgpu (cube backends, with or without fusion) have their own kernels: see

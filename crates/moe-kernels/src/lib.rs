@@ -67,9 +67,11 @@ use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
 /// the same backend read them, so a backend may pick any layout (the default pads each
 /// expert's segment to a common capacity).
 pub trait MoeBackend: Backend {
-    /// The layout the portable default plans: `Padded` (one batched matmul) unless the
-    /// backend runs many small matmuls well (CPUs).
-    const LAYOUT: DispatchLayout = DispatchLayout::Padded;
+    /// The layout [`MoeBackend::moe_plan`] plans: `Padded` (one batched matmul) unless the
+    /// backend runs many small matmuls well (CPUs) or has kernels for packed segments.
+    fn layout() -> DispatchLayout {
+        DispatchLayout::Padded
+    }
 
     /// Plans the dispatch of `expert_ids` `[T, K]`: sorts the pairs by expert, counts them,
     /// and, under a [`CapacityLimit`], decides which pairs are dropped. `priority` `[T, K]`
@@ -81,7 +83,7 @@ pub trait MoeBackend: Backend {
         num_experts: usize,
         limit: CapacityLimit,
     ) -> Result<DispatchPlan<Self>, KernelError> {
-        portable::plan(expert_ids, priority, num_experts, limit, Self::LAYOUT)
+        portable::plan(expert_ids, priority, num_experts, limit, Self::layout())
     }
 
     /// The router's expert selection on the biased scores `choice` `[T, E]` (f32, detached):

@@ -77,7 +77,7 @@ fn check_layouts<B: AutodiffBackend + MoeBackend>(
     let mut grads_by_layout = Vec::new();
     // Both portable layouts, then the backend's own route (its kernels and custom backward).
     for route in [Some(DispatchLayout::Padded), Some(DispatchLayout::Segments), None] {
-        let layout = route.unwrap_or(B::LAYOUT);
+        let layout = route.unwrap_or(B::layout());
         let out = match route {
             Some(layout) => {
                 let plan = portable::plan(ids.clone(), None, e, limit, layout).unwrap();

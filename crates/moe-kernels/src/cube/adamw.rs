@@ -11,8 +11,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::kernel::{ROW_UNITS, cube_sum};
-use super::{flat_vector_size, row_cubes};
+use super::launch::{ROW_UNITS, flat_vector_size, row_cubes};
+use super::reduce::cube_sum;
 use crate::AdamWStep;
 
 /// Cubes of the sum-of-squares pass (each a strided share of the gradient), so partial sums the

@@ -11,7 +11,8 @@
 
 use burn::tensor::Tensor;
 
-use super::{MoeCubeKernels, kernels_enabled};
+use super::MoeCubeKernels;
+use super::settings::kernels_enabled;
 use crate::{float_primitive, float_tensor};
 
 /// Whether these operands take this route: tensor cores for their dtype, and a length and

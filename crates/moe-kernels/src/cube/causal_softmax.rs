@@ -10,8 +10,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::cube_grid;
-use super::kernel::{cube_max, cube_sum};
+use super::launch::cube_grid;
+use super::reduce::{cube_max, cube_sum};
 
 /// Units per row.
 const SOFTMAX_UNITS: u32 = 128;
@@ -122,7 +122,8 @@ fn causal_softmax_grad_rows<F: Float>(
 pub(crate) fn launch_causal_softmax<R: CubeRuntime>(scores: CubeTensor<R>, scale: f64) -> CubeTensor<R> {
     let scores = into_contiguous(scores);
     let shape = scores.meta.shape().clone();
-    let probs = empty_device_contiguous_dtype(scores.client.clone(), scores.device.clone(), shape.clone(), scores.dtype);
+    let probs =
+        empty_device_contiguous_dtype(scores.client.clone(), scores.device.clone(), shape.clone(), scores.dtype);
     if shape.num_elements() == 0 {
         return probs;
     }
@@ -147,7 +148,8 @@ pub(crate) fn launch_causal_softmax_grad<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let (scores, grad_probs) = (into_contiguous(scores), into_contiguous(grad_probs));
     let shape = scores.meta.shape().clone();
-    let empty = || empty_device_contiguous_dtype(scores.client.clone(), scores.device.clone(), shape.clone(), scores.dtype);
+    let empty =
+        || empty_device_contiguous_dtype(scores.client.clone(), scores.device.clone(), shape.clone(), scores.dtype);
     let (probs, grad_scores) = (empty(), empty());
     if shape.num_elements() == 0 {
         return (probs, grad_scores);

@@ -7,8 +7,6 @@
 //! so without a flush its GEMMs would reach the GPU only at the caller's next sync: the device
 //! idles while the host enqueues, then the host waits while the device works.
 
-use std::sync::OnceLock;
-
 use burn_backend::{Device as _, DeviceHandle};
 use burn_cubecl::CubeRuntime;
 
@@ -26,19 +24,9 @@ pub enum FlushPolicy {
 }
 
 impl FlushPolicy {
-    /// The policy of this process, read once from `MOE_FLUSH`.
+    /// The policy of this process ([`super::settings::Settings::flush`]).
     pub fn current() -> Self {
-        static POLICY: OnceLock<FlushPolicy> = OnceLock::new();
-        *POLICY.get_or_init(|| match std::env::var("MOE_FLUSH").as_deref() {
-            Err(_) | Ok("all") => Self::All,
-            Ok("fusion") => Self::Fusion,
-            Ok("off") => Self::Off,
-            Ok(other) => {
-                // A bad value must not change results, only speed: say so and keep the default.
-                eprintln!("MOE_FLUSH must be off, fusion or all (got {other:?}); using all");
-                Self::All
-            }
-        })
+        super::settings::settings().flush
     }
 
     /// Whether kernels registered in burn-fusion's queue wake its thread.

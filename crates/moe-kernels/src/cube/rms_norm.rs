@@ -10,8 +10,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::cube_grid;
-use super::kernel::cube_sum;
+use super::launch::cube_grid;
+use super::reduce::cube_sum;
 
 /// Units per row.
 const NORM_UNITS: u32 = 128;

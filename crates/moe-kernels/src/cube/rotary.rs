@@ -8,8 +8,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::kernel::ROW_UNITS;
-use super::row_cubes;
+use super::launch::ROW_UNITS;
+use super::launch::row_cubes;
 
 /// `out[.., 2i], out[.., 2i + 1]` (`interleave`) or `out[.., i], out[.., i + r/2]` from the same
 /// entries of `x` turned by `cos[p, i]`, `sin[p, i]` at position `p`.

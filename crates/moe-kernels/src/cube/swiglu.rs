@@ -9,8 +9,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::kernel::ROW_UNITS;
-use super::{row_cubes, row_vector_size};
+use super::launch::ROW_UNITS;
+use super::launch::{row_cubes, row_vector_size};
 
 /// `sigmoid(g)` in f32.
 #[cube]

@@ -1,4 +1,4 @@
-//! Launching the Hopper grouped GEMM (`hopper_source.rs`) through cubecl's compute client.
+//! Launching the Hopper grouped GEMM (`wgmma_source.rs`) through cubecl's compute client.
 //!
 //! cubecl compiles a kernel by asking its task for CUDA text; this task answers with the
 //! `wgmma` kernel's text. The shared-memory size cubecl reserves at launch comes from the
@@ -25,10 +25,13 @@ use cubecl::prelude::*;
 use cubecl::server::KernelArguments;
 use cubecl::{CompilationError, Compiler, CubeTask};
 
-use super::flush::hand_on_launches;
-use super::hopper_source::{HEADER, HopperGemm, THREADS, TILE_M};
+use super::general::{MODE_ROWS, MODE_WEIGHTS};
 use super::pipelined::CHUNK;
-use super::{RowsLayout, row_tiles, rows_layout, u32_tensor, weight_grad_aligned};
+use super::wgmma_source::{HEADER, HopperGemm, THREADS, TILE_M};
+use super::{RowsLayout, row_tiles, rows_layout, weight_grad_aligned};
+use crate::cube::flush::hand_on_launches;
+use crate::cube::launch::u32_tensor;
+use crate::cube::settings::settings;
 
 /// Output columns of one cube and shared-memory stages: the best of a sweep on the H200
 /// (commit 7059ed6; docs/performance.md, "What moved the numbers").
@@ -42,33 +45,11 @@ pub fn launch_rows_wgmma<R: CubeRuntime>(
     weights: &CubeTensor<R>,
     segment_rows: &[usize],
 ) -> Option<CubeTensor<R>> {
-    let [total, k] = rows.meta.shape()[..] else { return None };
-    let [_, _, n] = weights.meta.shape()[..] else { return None };
-    let (rs, ws) = (rows.meta.strides(), weights.meta.strides());
-    let RowsLayout { aligned, b_depth_contiguous } = rows_layout(rows, weights);
-    // The epilogue stores whole 16-byte chunks of output rows, whatever the weights' layout.
-    if !aligned || !n.is_multiple_of(CHUNK) {
-        return None;
-    }
-    let client = cuda_client([rows, weights])?;
-    let b_ld = if b_depth_contiguous { ws[2] } else { ws[1] };
-    let header = header(&[k, n, rs[0], ws[0], b_ld])?;
+    let launch = WgmmaLaunch::new(MODE_ROWS, rows, weights, segment_rows)?;
+    let [total, n] = [rows.meta.shape()[0], weights.meta.shape()[2]];
     let out =
         empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), Shape::new([total, n]), rows.dtype);
-    let tiles = row_tiles(segment_rows, TILE_M);
-    if tiles.is_empty() || n == 0 {
-        return Some(out);
-    }
-    let gemm =
-        HopperGemm { half: rows.dtype == DType::F16, rows: true, b_depth_contiguous, tile_n: TILE_N, stages: STAGES };
-    let n_blocks = n.div_ceil(TILE_N) as u32;
-    // Row tiles run along y; a device's y limit (65535) splits very long tables.
-    let max_y = rows.client.properties().hardware.max_cube_count.1 as usize;
-    for chunk in tiles.chunks(max_y * 3) {
-        let table = [&header[..], chunk].concat();
-        let count = CubeCount::Static(n_blocks, (chunk.len() / 3) as u32, 1);
-        launch(&client, gemm, [rows, weights], &table, &out, count);
-    }
+    launch.rows(rows, weights, segment_rows, &out);
     Some(out)
 }
 
@@ -79,58 +60,121 @@ pub fn launch_weight_grad_wgmma<R: CubeRuntime>(
     grad: &CubeTensor<R>,
     segment_rows: &[usize],
 ) -> Option<CubeTensor<R>> {
-    let [_, a] = rows.meta.shape()[..] else { return None };
-    let [_, b] = grad.meta.shape()[..] else { return None };
-    let (rs, gs) = (rows.meta.strides(), grad.meta.strides());
-    let experts = segment_rows.len();
-    if !weight_grad_aligned(rows, grad) || experts == 0 || a == 0 || b == 0 {
-        return None;
-    }
-    let client = cuda_client([rows, grad])?;
-    let mut table = header(&[a, b, rs[0], gs[0]])?.to_vec();
-    let mut end = 0u32;
-    table.push(0);
-    for &count in segment_rows {
-        end = end.checked_add(u32::try_from(count).ok()?)?;
-        table.push(end);
-    }
-    let out = empty_device_contiguous_dtype(
-        rows.client.clone(),
-        rows.device.clone(),
-        Shape::new([experts, a, b]),
-        rows.dtype,
-    );
-    let gemm = HopperGemm {
-        half: rows.dtype == DType::F16,
-        rows: false,
-        b_depth_contiguous: false,
-        tile_n: TILE_N,
-        stages: STAGES,
-    };
-    let count = CubeCount::Static(b.div_ceil(TILE_N) as u32, a.div_ceil(TILE_M) as u32, experts as u32);
-    launch(&client, gemm, [rows, grad], &table, &out, count);
+    let launch = WgmmaLaunch::new(MODE_WEIGHTS, rows, grad, segment_rows)?;
+    let shape = Shape::new([segment_rows.len(), rows.meta.shape()[1], grad.meta.shape()[1]]);
+    let out = empty_device_contiguous_dtype(rows.client.clone(), rows.device.clone(), shape, rows.dtype);
+    launch.weight_grad(rows, grad, &out);
     Some(out)
 }
 
+/// What a launch of the Hopper kernel needs, for operands it runs on: the CUDA client, the
+/// table's start (the header; for the weight gradient also the segment ends) and whether the
+/// weights' depth is contiguous.
+pub(super) struct WgmmaLaunch {
+    client: ComputeClient<CudaRuntime>,
+    table: Vec<u32>,
+    b_depth_contiguous: bool,
+}
+
+impl WgmmaLaunch {
+    /// The launch of a `mode` product on `lhs` and `rhs`, or `None` where the kernel does not
+    /// run: not Hopper, not 2-byte aligned operands, sizes past u32, or `MOE_WGMMA=off`.
+    pub(super) fn new<R: CubeRuntime>(
+        mode: u32,
+        lhs: &CubeTensor<R>,
+        rhs: &CubeTensor<R>,
+        segment_rows: &[usize],
+    ) -> Option<Self> {
+        if !settings().wgmma {
+            return None;
+        }
+        let (ls, rs) = (lhs.meta.strides(), rhs.meta.strides());
+        if mode == MODE_ROWS {
+            let [_, k] = lhs.meta.shape()[..] else { return None };
+            let [_, _, n] = rhs.meta.shape()[..] else { return None };
+            let RowsLayout { aligned, b_depth_contiguous } = rows_layout(lhs, rhs);
+            // The epilogue stores whole 16-byte chunks of output rows, whatever the weights' layout.
+            if !aligned || !n.is_multiple_of(CHUNK) {
+                return None;
+            }
+            let client = cuda_client([lhs, rhs])?;
+            let b_ld = if b_depth_contiguous { rs[2] } else { rs[1] };
+            let table = header(&[k, n, ls[0], rs[0], b_ld])?.to_vec();
+            return Some(Self { client, table, b_depth_contiguous });
+        }
+        let [_, a] = lhs.meta.shape()[..] else { return None };
+        let [_, b] = rhs.meta.shape()[..] else { return None };
+        if !weight_grad_aligned(lhs, rhs) || segment_rows.is_empty() || a == 0 || b == 0 {
+            return None;
+        }
+        let client = cuda_client([lhs, rhs])?;
+        let mut table = header(&[a, b, ls[0], rs[0]])?.to_vec();
+        let mut end = 0u32;
+        table.push(0);
+        for &count in segment_rows {
+            end = end.checked_add(u32::try_from(count).ok()?)?;
+            table.push(end);
+        }
+        Some(Self { client, table, b_depth_contiguous: false })
+    }
+
+    /// The rows-times-weights product into `out` `[N, n]`.
+    pub(super) fn rows<R: CubeRuntime>(
+        &self,
+        rows: &CubeTensor<R>,
+        weights: &CubeTensor<R>,
+        segment_rows: &[usize],
+        out: &CubeTensor<R>,
+    ) {
+        let n = weights.meta.shape()[2];
+        let tiles = row_tiles(segment_rows, TILE_M);
+        if tiles.is_empty() || n == 0 {
+            return;
+        }
+        let gemm = HopperGemm {
+            half: rows.dtype == DType::F16,
+            rows: true,
+            b_depth_contiguous: self.b_depth_contiguous,
+            tile_n: TILE_N,
+            stages: STAGES,
+        };
+        let n_blocks = n.div_ceil(TILE_N) as u32;
+        // Row tiles run along y; a device's y limit (65535) splits very long tables.
+        let max_y = rows.client.properties().hardware.max_cube_count.1 as usize;
+        for chunk in tiles.chunks(max_y * 3) {
+            let table = [&self.table[..], chunk].concat();
+            let count = CubeCount::Static(n_blocks, (chunk.len() / 3) as u32, 1);
+            launch(&self.client, gemm, [rows, weights], &table, out, count);
+        }
+    }
+
+    /// The weight gradient into `out` `[E, a, b]`.
+    pub(super) fn weight_grad<R: CubeRuntime>(&self, rows: &CubeTensor<R>, grad: &CubeTensor<R>, out: &CubeTensor<R>) {
+        let [experts, a, b] = [out.meta.shape()[0], out.meta.shape()[1], out.meta.shape()[2]];
+        let gemm = HopperGemm {
+            half: rows.dtype == DType::F16,
+            rows: false,
+            b_depth_contiguous: false,
+            tile_n: TILE_N,
+            stages: STAGES,
+        };
+        let count = CubeCount::Static(b.div_ceil(TILE_N) as u32, a.div_ceil(TILE_M) as u32, experts as u32);
+        launch(&self.client, gemm, [rows, grad], &self.table, out, count);
+    }
+}
+
 /// The operands' CUDA client where the kernel runs for them: a Hopper device (sm_90: TMA but
-/// not Blackwell's wide im2col), 2-byte elements, 16-byte-aligned starts, not turned off.
+/// not Blackwell's wide im2col), 2-byte elements, 16-byte-aligned starts.
 fn cuda_client<R: CubeRuntime>(operands: [&CubeTensor<R>; 2]) -> Option<ComputeClient<CudaRuntime>> {
     let first = operands[0];
     let half = matches!(first.dtype, DType::BF16 | DType::F16) && operands[1].dtype == first.dtype;
     let starts = operands.iter().all(|t| t.handle.offset_start.unwrap_or(0).is_multiple_of(16));
-    if !enabled() || !half || !starts {
+    if !half || !starts {
         return None;
     }
     let client = (&first.client as &dyn Any).downcast_ref::<ComputeClient<CudaRuntime>>()?;
     let tma = client.properties().features.tma;
     (tma.contains(Tma::Base) && !tma.contains(Tma::Im2colWide)).then(|| client.clone())
-}
-
-/// `MOE_WGMMA=off` runs the cube kernels instead, for before/after measurements; any other
-/// value, or none, keeps the Hopper kernel.
-fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOE_WGMMA").map_or(true, |v| v != "off"))
 }
 
 /// The table's header: sizes and strides as u32 (`None` when one does not fit).

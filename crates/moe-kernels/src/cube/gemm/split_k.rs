@@ -4,13 +4,13 @@
 //! 512 x 512 on the Hopper kernel), each walking every row while most of the GPU idles: 0.35 ms
 //! for `small`'s 16k-row products on the H200, against 0.12 ms split.
 
+use burn::tensor::Shape;
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::kernel::ROW_UNITS;
-use super::{flat_vector_size, row_cubes};
+use crate::cube::launch::{ROW_UNITS, flat_vector_size, row_cubes};
 
 /// Tiles the blocks aim at: about two waves on a 132-SM GPU.
 const TARGET_TILES: usize = 264;
@@ -24,6 +24,21 @@ pub(crate) fn dense_weight_grad_parts(rows: usize, a: usize, b: usize) -> Vec<us
     let parts = TARGET_TILES.div_ceil(tiles).min(rows / MIN_PART_ROWS).max(1);
     let per_part = rows.div_ceil(parts);
     (0..parts).map(|i| per_part.min(rows.saturating_sub(i * per_part))).filter(|&r| r > 0).collect()
+}
+
+/// `x^T grad` `[a, b]` as the grouped weight gradient over the row blocks `parts` and the
+/// sum of its partial products (no sum for one block).
+pub(crate) fn dense_weight_grad<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    grad: CubeTensor<R>,
+    parts: &[usize],
+) -> CubeTensor<R> {
+    let partials = super::grouped_gemm_weight_grad(x, grad, parts);
+    if parts.len() == 1 {
+        let [a, b] = [partials.meta.shape()[1], partials.meta.shape()[2]];
+        return burn_cubecl::ops::reshape(partials, Shape::new([a, b]));
+    }
+    launch_sum_parts(partials)
 }
 
 /// `out[i] = sum over p of partials[p, i]`, accumulated in f32; a vector of `N` a unit.

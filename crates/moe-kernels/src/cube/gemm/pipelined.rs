@@ -19,7 +19,7 @@ use cubecl::cmma;
 use cubecl::prelude::barrier::{Barrier, copy_async_checked};
 use cubecl::prelude::*;
 
-use super::kernel::{
+use super::general::{
     MODE_ROWS, Tiling, multiply_accumulate, plane_origin, shared_fragments, store_direct, tile_position,
     write_fragments, zero_accumulators,
 };

@@ -329,7 +329,7 @@ fn spec_of(selection: &Selection) -> SelectSpec {
 
 /// A grid of `units` units, `per_cube` a cube.
 fn grid(units: usize, per_cube: u32) -> CubeCount {
-    super::cube_grid(units.div_ceil(per_cube as usize) as u32)
+    super::launch::cube_grid(units.div_ceil(per_cube as usize) as u32)
 }
 
 /// Launches the sigmoid gate on `logits` `[T, E]` and `bias` `[E]` (f32): (scores `[T, E]`,

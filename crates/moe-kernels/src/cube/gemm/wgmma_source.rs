@@ -4,7 +4,7 @@
 //! a third of the tensor cores' rate; `wgmma` (a warpgroup's asynchronous product from shared
 //! memory) is what reaches the rest, and cubecl has no instruction for it. So this one kernel
 //! is written as CUDA C++ with inline PTX, compiled by the same NVRTC call as every cubecl
-//! kernel (sm_90a) and launched through cubecl's compute client (`hopper.rs`).
+//! kernel (sm_90a) and launched through cubecl's compute client (`wgmma.rs`).
 //!
 //! Shape of a cube: 256 threads, two warpgroups, a 128-row by `tile_n` output tile; each
 //! warpgroup owns 64 rows and issues `m64n{tile_n}k16` products. Operand tiles are 64 deep
