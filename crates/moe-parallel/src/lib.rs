@@ -11,6 +11,7 @@
 //!   accounting of bytes within and across nodes, nodes per token and load per rank.
 //! - [`eplb`]: load-aware placement: replicate hot experts into spare slots and pack them so
 //!   that per-GPU load is even, groups to nodes first, then experts to GPUs.
+//! - [`SplitMix64`]: the seeded generator of the simulator and the runner's batch sampler.
 
 pub mod ep;
 pub mod eplb;
@@ -19,3 +20,4 @@ mod rng;
 pub mod sim;
 
 pub use placement::{Placement, PlacementError};
+pub use rng::SplitMix64;

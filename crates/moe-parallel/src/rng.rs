@@ -1,20 +1,24 @@
-//! A small seeded generator, so simulations repeat exactly for a seed on every platform.
+//! A small seeded generator whose whole state is one `u64`, so a stream repeats exactly for a
+//! seed on every platform and can be stored and resumed (the runner's checkpoints store it).
 
-/// SplitMix64 (Steele, Lea, Flood 2014): 64-bit state, passes BigCrush, and is enough for
-/// sampling routing decisions. Not for cryptography.
-#[derive(Debug, Clone)]
-pub(crate) struct SplitMix64 {
+use serde::{Deserialize, Serialize};
+
+/// SplitMix64 (Steele, Lea, Flood 2014): 64-bit state, passes BigCrush; enough for sampling
+/// routing decisions and training batches. Not for cryptography. Used by the traffic simulator,
+/// EPLB's tests and the runner's batch sampler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitMix64 {
     state: u64,
 }
 
 impl SplitMix64 {
     /// A generator whose stream depends only on `seed`.
-    pub(crate) fn new(seed: u64) -> Self {
+    pub fn new(seed: u64) -> Self {
         Self { state: seed }
     }
 
     /// The next 64 random bits.
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -23,17 +27,23 @@ impl SplitMix64 {
     }
 
     /// Uniform in the open interval (0, 1): never 0, so `ln` of it is finite.
-    pub(crate) fn open01(&mut self) -> f64 {
+    pub fn open01(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// A standard Gumbel sample, `-ln(-ln u)`.
-    pub(crate) fn gumbel(&mut self) -> f64 {
+    pub fn gumbel(&mut self) -> f64 {
         -(-self.open01().ln()).ln()
     }
 
-    /// Uniform in `0..n` (`n >= 1`), by rejection so that every value is equally likely.
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
+    /// Uniform in `0..n` (`n >= 1`), by rejection so that every value is equally likely (a
+    /// call may draw more than once).
+    pub fn below(&mut self, n: u64) -> u64 {
         let zone = u64::MAX - u64::MAX % n;
         loop {
             let x = self.next_u64();
@@ -43,8 +53,14 @@ impl SplitMix64 {
         }
     }
 
+    /// Uniform in `0..n` (`n > 0`) from exactly one draw, by Lemire's multiply-shift (bias
+    /// below `n / 2^64`: below 2^-32 for the corpus sizes of the runner's batch sampler).
+    pub fn below_multiply_shift(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
     /// Shuffles `items` in place (Fisher-Yates).
-    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
             let j = self.below(i as u64 + 1) as usize;
             items.swap(i, j);
@@ -71,5 +87,25 @@ mod tests {
         let mut counts = [0u32; 3];
         (0..30_000).for_each(|_| counts[r.below(3) as usize] += 1);
         assert!(counts.iter().all(|&c| (9_500..10_500).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn matches_the_published_reference_sequence() {
+        // First outputs for seed 1234567, from the reference C implementation (Vigna).
+        let mut rng = SplitMix64::new(1234567);
+        let expected = [6457827717110365317u64, 3203168211198807973, 9817491932198370423];
+        for e in expected {
+            assert_eq!(rng.next_u64(), e);
+        }
+    }
+
+    #[test]
+    fn below_multiply_shift_stays_in_range_and_covers_it() {
+        let mut rng = SplitMix64::new(7);
+        let mut seen = [0u32; 10];
+        for _ in 0..10_000 {
+            seen[rng.below_multiply_shift(10) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&c| (800..1200).contains(&c)), "{seen:?}");
     }
 }
