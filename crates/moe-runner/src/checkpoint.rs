@@ -10,10 +10,10 @@ use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use moe_model::DeepSeekModel;
+use moe_parallel::SplitMix64;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::rng::SplitMix64;
 use crate::settings::RunConfig;
 
 /// What a checkpoint holds besides the tensors.

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use crate::rng::SplitMix64;
+use moe_parallel::SplitMix64;
+
 use crate::settings::SettingsError;
 
 /// The shipped corpus (see data/README.md for its credit).
@@ -76,7 +77,9 @@ impl Corpus {
 
     /// A training batch of windows at random offsets drawn from `rng`.
     pub fn train_batch(&self, rng: &mut SplitMix64, batch: usize, seq_len: usize) -> Batch {
-        let starts = (0..batch).map(|_| rng.below((self.train.len() - seq_len) as u64) as usize).collect::<Vec<_>>();
+        let starts = (0..batch)
+            .map(|_| rng.below_multiply_shift((self.train.len() - seq_len) as u64) as usize)
+            .collect::<Vec<_>>();
         windows(&self.train, &starts, seq_len)
     }
 

@@ -13,7 +13,6 @@ pub mod metrics;
 pub mod plots;
 pub mod profile;
 pub mod report;
-pub mod rng;
 pub mod sample;
 pub mod schedule;
 pub mod settings;

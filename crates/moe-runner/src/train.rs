@@ -15,6 +15,7 @@ use moe_balance::metrics::{EvalMaxVio, max_violation};
 use moe_balance::{BiasBalancer, BiasUpdateConfig, LoadTracker};
 use moe_experts::{MoeBackend, MoeError};
 use moe_model::{DeepSeekModel, ModelError};
+use moe_parallel::SplitMix64;
 use moe_parallel::ep::{EpError, StepAccounting};
 use thiserror::Error;
 
@@ -24,7 +25,6 @@ use crate::corpus::{Batch, Corpus};
 use crate::expert_parallel::{RankMetrics, ShardedModel};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use crate::profile::{Phase, PhaseClock, median_line};
-use crate::rng::SplitMix64;
 use crate::schedule::learning_rate;
 use crate::settings::{BalanceMode, RunConfig, SettingsError};
 
