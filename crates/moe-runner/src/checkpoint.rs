@@ -29,9 +29,10 @@ pub struct TrainState {
     pub config: RunConfig,
 }
 
-/// Why a checkpoint could not be written or read.
+/// Why a run's checkpoint (model, optimizer state, `state.json`) could not be written or read.
+/// An HF checkpoint directory's errors are `moe_model::hf::CheckpointError`.
 #[derive(Debug, Error)]
-pub enum CheckpointError {
+pub enum RunCheckpointError {
     /// A file operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -61,12 +62,12 @@ pub enum CheckpointError {
     None(PathBuf),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_owned(), source }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunCheckpointError + '_ {
+    move |source| RunCheckpointError::Io { path: path.to_owned(), source }
 }
 
-fn record_err(path: PathBuf) -> impl FnOnce(burn::record::RecorderError) -> CheckpointError {
-    move |e| CheckpointError::Record { path, message: e.to_string() }
+fn record_err(path: PathBuf) -> impl FnOnce(burn::record::RecorderError) -> RunCheckpointError {
+    move |e| RunCheckpointError::Record { path, message: e.to_string() }
 }
 
 fn recorder() -> BinFileRecorder<FullPrecisionSettings> {
@@ -74,7 +75,7 @@ fn recorder() -> BinFileRecorder<FullPrecisionSettings> {
 }
 
 /// The checkpoint directories of a run, oldest first.
-pub fn list(run_dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+pub fn list(run_dir: &Path) -> Result<Vec<PathBuf>, RunCheckpointError> {
     let dir = run_dir.join("checkpoints");
     if !dir.exists() {
         return Ok(Vec::new());
@@ -98,7 +99,7 @@ pub fn save<B, O>(
     optim: &O,
     state: &TrainState,
     keep: usize,
-) -> Result<PathBuf, CheckpointError>
+) -> Result<PathBuf, RunCheckpointError>
 where
     B: AutodiffBackend,
     O: Optimizer<DeepSeekModel<B>, B>,
@@ -117,7 +118,7 @@ where
     recorder().record(optim.to_record(), optim_path.clone()).map_err(record_err(optim_path))?;
     let state_path = tmp.join("state.json");
     let text = serde_json::to_string_pretty(state)
-        .map_err(|source| CheckpointError::State { path: state_path.clone(), source })?;
+        .map_err(|source| RunCheckpointError::State { path: state_path.clone(), source })?;
     fs::write(&state_path, text).map_err(io(&state_path))?;
     if done.exists() {
         fs::remove_dir_all(&done).map_err(io(&done))?;
@@ -131,15 +132,15 @@ where
 }
 
 /// Reads `state.json` of a checkpoint.
-pub fn read_state(checkpoint: &Path) -> Result<TrainState, CheckpointError> {
+pub fn read_state(checkpoint: &Path) -> Result<TrainState, RunCheckpointError> {
     let path = checkpoint.join("state.json");
     let text = fs::read_to_string(&path).map_err(io(&path))?;
-    serde_json::from_str(&text).map_err(|source| CheckpointError::State { path, source })
+    serde_json::from_str(&text).map_err(|source| RunCheckpointError::State { path, source })
 }
 
 /// The newest checkpoint of a run.
-pub fn latest(run_dir: &Path) -> Result<PathBuf, CheckpointError> {
-    list(run_dir)?.pop().ok_or_else(|| CheckpointError::None(run_dir.to_owned()))
+pub fn latest(run_dir: &Path) -> Result<PathBuf, RunCheckpointError> {
+    list(run_dir)?.pop().ok_or_else(|| RunCheckpointError::None(run_dir.to_owned()))
 }
 
 /// Loads a checkpoint's weights into `model` (built from the same config).
@@ -147,14 +148,14 @@ pub fn load_model<B: burn::tensor::backend::Backend>(
     checkpoint: &Path,
     model: DeepSeekModel<B>,
     device: &B::Device,
-) -> Result<DeepSeekModel<B>, CheckpointError> {
+) -> Result<DeepSeekModel<B>, RunCheckpointError> {
     let path = checkpoint.join("model");
     let record = recorder().load(path.clone(), device).map_err(record_err(path))?;
     Ok(model.load_record(record))
 }
 
 /// Loads a checkpoint's optimizer state into `optim`.
-pub fn load_optim<B, O>(checkpoint: &Path, optim: O, device: &B::Device) -> Result<O, CheckpointError>
+pub fn load_optim<B, O>(checkpoint: &Path, optim: O, device: &B::Device) -> Result<O, RunCheckpointError>
 where
     B: AutodiffBackend,
     O: Optimizer<DeepSeekModel<B>, B>,

@@ -17,5 +17,5 @@ pub mod sample;
 pub mod schedule;
 pub mod settings;
 pub mod sim_plot;
-pub mod trace;
 pub mod train;
+pub mod validation_trace;

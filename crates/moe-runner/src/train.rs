@@ -20,7 +20,7 @@ use moe_parallel::ep::{EpError, StepAccounting};
 use thiserror::Error;
 
 use crate::adamw::FusedAdamW;
-use crate::checkpoint::{self, CheckpointError, TrainState};
+use crate::checkpoint::{self, RunCheckpointError, TrainState};
 use crate::corpus::{Batch, Corpus};
 use crate::expert_parallel::{RankMetrics, ShardedModel};
 use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
@@ -63,7 +63,7 @@ pub enum TrainError {
     Model(#[from] ModelError),
     /// A checkpoint could not be written or read.
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(#[from] RunCheckpointError),
     /// A run file could not be written.
     #[error("{path}: {source}")]
     Io {
@@ -74,7 +74,7 @@ pub enum TrainError {
     },
     /// The routing trace failed.
     #[error(transparent)]
-    Trace(#[from] crate::trace::RoutingTraceError),
+    Trace(#[from] crate::validation_trace::ValidationTraceError),
     /// Starting over would overwrite a run.
     #[error("{0} already holds checkpoints: pass --resume to continue it, or --run-dir for a new run")]
     RunExists(PathBuf),
@@ -403,8 +403,8 @@ where
         Some(e) => e,
         None => evaluate(&model.valid(), &corpus, &config, device)?,
     };
-    crate::trace::write(&run_dir.join(TRACE_FILE), &model.valid(), &corpus, &config, device)?;
-    let checkpoint = latest.ok_or_else(|| CheckpointError::None(run_dir.clone()))?;
+    crate::validation_trace::write(&run_dir.join(TRACE_FILE), &model.valid(), &corpus, &config, device)?;
+    let checkpoint = latest.ok_or_else(|| RunCheckpointError::None(run_dir.clone()))?;
     Ok(RunSummary {
         steps: step,
         eval,

@@ -1,5 +1,6 @@
-//! The routing trace of a finished run: for every MoE layer, the experts each validation token
-//! chose, in `moe_balance::RoutingTrace`'s compact binary format (for analysis and for
+//! Recording a finished run's validation routing: for every MoE layer, the experts each
+//! validation token chose, as a `moe_balance::RoutingTrace` (whose module, `moe_balance::trace`,
+//! owns the binary format), written to the run's `routing_trace.bin` (for analysis and for
 //! `cargo xtask simulate --routing trace:FILE`).
 
 use std::path::Path;
@@ -12,9 +13,9 @@ use moe_model::{DeepSeekModel, ModelError};
 use crate::corpus::Corpus;
 use crate::settings::RunConfig;
 
-/// Why the trace could not be made.
+/// Why the validation trace could not be recorded or written.
 #[derive(Debug, thiserror::Error)]
-pub enum RoutingTraceError {
+pub enum ValidationTraceError {
     /// The model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -29,7 +30,7 @@ pub fn record<B: MoeBackend>(
     corpus: &Corpus,
     config: &RunConfig,
     device: &B::Device,
-) -> Result<RoutingTrace, RoutingTraceError> {
+) -> Result<RoutingTrace, ValidationTraceError> {
     let (count, batch, seq) = (config.train.eval_batches, config.data.batch_size, config.data.seq_len);
     let moe = &config.model.moe;
     let mut layers = vec![Vec::new(); config.model.num_moe_layers()];
@@ -54,7 +55,7 @@ pub fn write<B: MoeBackend>(
     corpus: &Corpus,
     config: &RunConfig,
     device: &B::Device,
-) -> Result<RoutingTrace, RoutingTraceError> {
+) -> Result<RoutingTrace, ValidationTraceError> {
     let trace = record(model, corpus, config, device)?;
     trace.save(path)?;
     Ok(trace)
