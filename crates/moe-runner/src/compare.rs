@@ -8,11 +8,12 @@ use burn::tensor::backend::AutodiffBackend;
 use moe_experts::MoeBackend;
 use plotters::style::RGBColor;
 
+use crate::error::TrainError;
 use crate::metrics::{self, StepMetrics};
 use crate::plots::{Series, line_plot, smooth};
 use crate::report::ReportError;
 use crate::settings::{BalanceMode, RunConfig};
-use crate::train::{RunOptions, RunSummary, TrainError, train};
+use crate::train::{RunOptions, RunSummary, train};
 
 /// One arm of the comparison.
 #[derive(Debug, Clone)]

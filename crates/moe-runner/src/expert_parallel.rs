@@ -9,45 +9,13 @@
 //! optimizer, checkpoints and bias updates are the single-rank ones.
 
 use burn::tensor::Tensor;
-use moe_balance::metrics::max_violation;
 use moe_experts::{MoeAux, MoeBackend, MoeLayer};
 use moe_model::{DeepSeekModel, ModelOutput};
 use moe_parallel::Placement;
 use moe_parallel::ep::{ExpertParallelMoe, LocalTransport, RoutedTokens, StepAccounting};
-use serde::{Deserialize, Serialize};
 
+use crate::error::TrainError;
 use crate::settings::SettingsError;
-use crate::train::TrainError;
-
-/// What the ranks did in one optimizer step, summed over its micro-batches.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct RankMetrics {
-    /// `(token, expert)` pairs each rank computed, per MoE layer.
-    pub rank_load: Vec<Vec<u64>>,
-    /// MaxVio of the per-rank load, per MoE layer.
-    pub rank_max_vio: Vec<f64>,
-    /// Dispatch + combine bytes between ranks of one node, all MoE layers.
-    pub bytes_intra_node: u64,
-    /// Dispatch + combine bytes between nodes, all MoE layers.
-    pub bytes_inter_node: u64,
-    /// The most nodes one token's experts were on.
-    pub max_nodes_reached: usize,
-}
-
-impl RankMetrics {
-    /// Adds one pass's per-layer accounting.
-    pub fn add(&mut self, layers: &[StepAccounting]) {
-        self.rank_load.resize_with(layers.len(), Vec::new);
-        for (sum, acc) in self.rank_load.iter_mut().zip(layers) {
-            sum.resize(acc.pairs_per_rank.len(), 0);
-            sum.iter_mut().zip(&acc.pairs_per_rank).for_each(|(s, p)| *s += p);
-            self.bytes_intra_node += acc.bytes_intra_node;
-            self.bytes_inter_node += acc.bytes_inter_node;
-            self.max_nodes_reached = self.max_nodes_reached.max(acc.max_nodes_reached());
-        }
-        self.rank_max_vio = self.rank_load.iter().map(|l| max_violation(l)).collect();
-    }
-}
 
 /// Runs a model with its MoE layers sharded over the ranks of a placement.
 #[derive(Debug, Clone, Copy)]

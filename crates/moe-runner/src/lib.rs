@@ -7,6 +7,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod compare;
 pub mod corpus;
+pub mod error;
 pub mod expert_parallel;
 pub mod hf_checkpoint;
 pub mod metrics;

@@ -4,9 +4,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+use moe_balance::metrics::max_violation;
+use moe_parallel::ep::StepAccounting;
 use serde::{Deserialize, Serialize};
 
-use crate::expert_parallel::RankMetrics;
 use crate::profile::StepPhases;
 
 /// One optimizer step.
@@ -53,6 +54,37 @@ pub struct EvalMetrics {
     /// The same over the per-rank load, with `parallel.expert_ranks` > 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_rank_max_vio: Option<f64>,
+}
+
+/// What the ranks did in one optimizer step, summed over its micro-batches (with
+/// `parallel.expert_ranks` > 1).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RankMetrics {
+    /// `(token, expert)` pairs each rank computed, per MoE layer.
+    pub rank_load: Vec<Vec<u64>>,
+    /// MaxVio of the per-rank load, per MoE layer.
+    pub rank_max_vio: Vec<f64>,
+    /// Dispatch + combine bytes between ranks of one node, all MoE layers.
+    pub bytes_intra_node: u64,
+    /// Dispatch + combine bytes between nodes, all MoE layers.
+    pub bytes_inter_node: u64,
+    /// The most nodes one token's experts were on.
+    pub max_nodes_reached: usize,
+}
+
+impl RankMetrics {
+    /// Adds one pass's per-layer accounting.
+    pub fn add(&mut self, layers: &[StepAccounting]) {
+        self.rank_load.resize_with(layers.len(), Vec::new);
+        for (sum, acc) in self.rank_load.iter_mut().zip(layers) {
+            sum.resize(acc.pairs_per_rank.len(), 0);
+            sum.iter_mut().zip(&acc.pairs_per_rank).for_each(|(s, p)| *s += p);
+            self.bytes_intra_node += acc.bytes_intra_node;
+            self.bytes_inter_node += acc.bytes_inter_node;
+            self.max_nodes_reached = self.max_nodes_reached.max(acc.max_nodes_reached());
+        }
+        self.rank_max_vio = self.rank_load.iter().map(|l| max_violation(l)).collect();
+    }
 }
 
 /// Appends step records to a run's `metrics.jsonl`.

@@ -3,8 +3,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::expert_parallel::RankMetrics;
-use crate::metrics::{self, StepMetrics};
+use crate::metrics::{self, RankMetrics, StepMetrics};
 use crate::plots::{self, PlotError};
 use crate::settings::RunConfig;
 use crate::train::RunSummary;

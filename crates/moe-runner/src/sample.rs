@@ -11,7 +11,8 @@ use moe_model::DeepSeekModel;
 use moe_model::generate::{GenerateError, SampleRng, Sampling, logits_for_ids};
 
 use crate::checkpoint;
-use crate::train::{TrainError, build_model};
+use crate::error::TrainError;
+use crate::train::build_model;
 
 /// Continues `prompt` by `length` bytes, each predicted from at most the last `context` bytes.
 pub fn continue_text<B: MoeBackend>(

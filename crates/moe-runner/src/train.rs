@@ -13,17 +13,17 @@ use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_balance::metrics::{EvalMaxVio, max_violation};
 use moe_balance::{BiasBalancer, BiasUpdateConfig, LoadTracker};
-use moe_experts::{MoeBackend, MoeError};
+use moe_experts::MoeBackend;
 use moe_model::{DeepSeekModel, ModelError};
 use moe_parallel::SplitMix64;
-use moe_parallel::ep::{EpError, StepAccounting};
-use thiserror::Error;
+use moe_parallel::ep::StepAccounting;
 
 use crate::adamw::FusedAdamW;
 use crate::checkpoint::{self, RunCheckpointError, TrainState};
 use crate::corpus::{Batch, Corpus};
-use crate::expert_parallel::{RankMetrics, ShardedModel};
-use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
+use crate::error::TrainError;
+use crate::expert_parallel::ShardedModel;
+use crate::metrics::{EvalMetrics, MetricsLog, RankMetrics, StepMetrics};
 use crate::profile::{Phase, PhaseClock, median_line};
 use crate::schedule::learning_rate;
 use crate::settings::{BalanceMode, RunConfig, SettingsError};
@@ -50,51 +50,6 @@ pub struct RunOptions {
     pub gpu: bool,
     /// Time each step's phases (`crate::profile`), at the cost of a device sync per phase.
     pub profile: bool,
-}
-
-/// Why a run stopped early.
-#[derive(Debug, Error)]
-pub enum TrainError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Settings(#[from] SettingsError),
-    /// The model failed.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    /// A checkpoint could not be written or read.
-    #[error(transparent)]
-    Checkpoint(#[from] RunCheckpointError),
-    /// A run file could not be written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The routing trace failed.
-    #[error(transparent)]
-    Trace(#[from] crate::validation_trace::ValidationTraceError),
-    /// Starting over would overwrite a run.
-    #[error("{0} already holds checkpoints: pass --resume to continue it, or --run-dir for a new run")]
-    RunExists(PathBuf),
-    /// The expert-parallel forward failed.
-    #[error("expert parallelism: {0}")]
-    ExpertParallel(#[from] EpError),
-    /// The loss stopped being finite.
-    #[error("the training loss became {loss} at step {step}; lower optim.lr or raise optim.warmup_steps")]
-    Diverged {
-        /// The step.
-        step: usize,
-        /// The loss.
-        loss: f64,
-    },
-}
-
-impl From<MoeError> for TrainError {
-    fn from(e: MoeError) -> Self {
-        Self::Model(ModelError::Moe(e))
-    }
 }
 
 /// What a finished (or stopped) run reports.

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use moe_runner::checkpoint;
+use moe_runner::error::TrainError;
 use moe_runner::settings::{Layers, RunConfig};
-use moe_runner::train::{RunOptions, TrainError, train};
+use moe_runner::train::{RunOptions, train};
 
 fn smoke(precision: &str) -> RunConfig {
     RunConfig::load(&Layers {

@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
+use moe_runner::error::TrainError;
 use moe_runner::settings::{Layers, RunConfig};
-use moe_runner::train::{RunOptions, TrainError, train};
+use moe_runner::train::{RunOptions, train};
 
 type B = Autodiff<Flex>;
 
