@@ -9,56 +9,10 @@ use burn::module::Param;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use moe_kernels::ScoreFunction;
 use moe_router::RouterConfig;
-use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
-use crate::{ExpertBank, MoeError, MoeLayer, MoeLayerConfig, SwiGlu};
-
-/// Why a checkpoint could not be loaded; names the key or tensor at fault.
-#[derive(Debug, Error)]
-pub enum LoadError {
-    /// `config.json` is not valid JSON for this model.
-    #[error("config.json: {0}")]
-    ConfigJson(#[from] serde_json::Error),
-    /// A config key holds a value this crate does not support.
-    #[error("config.json key `{key}` = {value} is not supported: expected {expected}")]
-    Unsupported {
-        /// The key.
-        key: &'static str,
-        /// Its value.
-        value: String,
-        /// What is supported.
-        expected: &'static str,
-    },
-    /// The safetensors file is malformed or truncated.
-    #[error("safetensors: {0}")]
-    Safetensors(#[from] safetensors::SafeTensorError),
-    /// A tensor the layer needs is absent.
-    #[error("tensor `{0}` is missing from the checkpoint")]
-    Missing(String),
-    /// A tensor has the wrong shape.
-    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    Shape {
-        /// The tensor.
-        name: String,
-        /// Its shape.
-        got: Vec<usize>,
-        /// The shape the config implies.
-        expected: Vec<usize>,
-    },
-    /// A tensor has a dtype other than f32, bf16 or f16.
-    #[error("tensor `{name}` has dtype {dtype}, expected F32, BF16 or F16")]
-    Dtype {
-        /// The tensor.
-        name: String,
-        /// Its dtype.
-        dtype: String,
-    },
-    /// The configuration the checkpoint implies is invalid.
-    #[error(transparent)]
-    Layer(#[from] MoeError),
-}
+use crate::safetensors_source::{SafetensorsFile, TensorSource};
+use crate::{ExpertBank, LoadError, MoeLayer, MoeLayerConfig, SwiGlu};
 
 /// The MoE keys of an HF DeepSeek-V3 `config.json` (unknown keys are ignored).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,42 +105,6 @@ impl HfMoeConfig {
     }
 }
 
-/// Where [`load_moe_layer_from`] reads named tensors: one safetensors file here; a sharded,
-/// memory-mapped or quantized checkpoint in `moe-model`.
-pub trait TensorSource {
-    /// The tensor `name` as f32 values (row-major), checked against the `expected` shape.
-    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError>;
-}
-
-/// Reads tensors by name from one safetensors file, checking shape and dtype.
-struct Reader<'a> {
-    file: SafeTensors<'a>,
-}
-
-impl TensorSource for Reader<'_> {
-    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
-        let view = self.file.tensor(name).map_err(|_| LoadError::Missing(name.into()))?;
-        if view.shape() != expected {
-            return Err(LoadError::Shape {
-                name: name.into(),
-                got: view.shape().to_vec(),
-                expected: expected.to_vec(),
-            });
-        }
-        decode_float(name, view.dtype(), view.data())
-    }
-}
-
-/// Little-endian F32, BF16 or F16 bytes as f32 values; `name` is for the error.
-pub fn decode_float(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, LoadError> {
-    Ok(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(LoadError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
-    })
-}
-
 /// An HF `[out, in]` linear weight, transposed to `[in, out]`.
 fn linear_t(source: &impl TensorSource, name: &str, out: usize, inp: usize) -> Result<Vec<f32>, LoadError> {
     let w = source.read_f32(name, &[out, inp])?;
@@ -227,11 +145,11 @@ pub fn load_moe_layer<B: Backend>(
     prefix: &str,
     device: &B::Device,
 ) -> Result<MoeLayer<B>, LoadError> {
-    let reader = Reader { file: SafeTensors::deserialize(safetensors_bytes)? };
-    load_moe_layer_from(config, &reader, prefix, device)
+    load_moe_layer_from(config, &SafetensorsFile::new(safetensors_bytes)?, prefix, device)
 }
 
-/// Loads the MoE layer under `prefix` from any [`TensorSource`], for a layer shaped by `config`.
+/// Loads the MoE layer under `prefix` from any [`TensorSource`] (e.g. `moe-model`'s sharded,
+/// memory-mapped `TensorStore`), for a layer shaped by `config`.
 pub fn load_moe_layer_from<B: Backend>(
     config: &MoeLayerConfig,
     source: &impl TensorSource,

@@ -6,7 +6,8 @@
 //! - [`SwiGlu`]: the shared experts (S experts held as one MLP of width S*h).
 //! - [`MoeLayer`]: router + experts + shared experts + balance losses; the forward returns the
 //!   output and a [`MoeAux`] record (losses, counts, drops) for the caller to use.
-//! - [`hf`]: loading a layer from an HF DeepSeek-V3 `config.json` + safetensors.
+//! - [`hf`]: loading a layer from an HF DeepSeek-V3 `config.json` + safetensors, through a
+//!   [`safetensors_source::TensorSource`] (errors: [`LoadError`]).
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};
@@ -33,10 +34,11 @@ mod bank;
 mod error;
 pub mod hf;
 mod layer;
+pub mod safetensors_source;
 mod swiglu;
 
 pub use bank::{ExpertBank, ExpertBankConfig};
-pub use error::MoeError;
+pub use error::{LoadError, MoeError};
 pub use layer::{CapacityConfig, DropPolicy, MoeAux, MoeLayer, MoeLayerConfig};
 /// The backend bound of the forward passes, re-exported so users need one import.
 pub use moe_kernels::MoeBackend;

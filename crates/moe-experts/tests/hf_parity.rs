@@ -2,7 +2,8 @@
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
-use moe_experts::hf::{HfMoeConfig, LoadError, load_moe_layer};
+use moe_experts::LoadError;
+use moe_experts::hf::{HfMoeConfig, load_moe_layer};
 use safetensors::SafeTensors;
 
 type B = NdArray;

@@ -6,7 +6,7 @@ mod common;
 use common::{
     B, Raw, f32_bytes, max_abs, read_raw, reference, tiny_a, tiny_config, values, write_checkpoint, write_raw,
 };
-use moe_experts::hf::LoadError;
+use moe_experts::LoadError;
 use moe_model::hf::{CheckpointError, load_checkpoint};
 use moe_model::{Attention, FeedForward, MlaQuery, ModelConfigError};
 use safetensors::Dtype;

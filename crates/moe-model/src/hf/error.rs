@@ -1,11 +1,12 @@
 use std::path::PathBuf;
 
-use moe_experts::hf::LoadError;
+use moe_experts::LoadError;
 use thiserror::Error;
 
 use crate::ModelConfigError;
 
-/// Why a checkpoint could not be read or written; names the file, key or tensor at fault.
+/// Why an HF checkpoint directory could not be read or written; names the file, key or tensor
+/// at fault. (A training run's own checkpoints are `moe-runner`'s `RunCheckpointError`.)
 #[derive(Debug, Error)]
 pub enum CheckpointError {
     /// A file could not be opened, mapped or written.

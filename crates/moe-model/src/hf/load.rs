@@ -4,7 +4,8 @@ use burn::module::Param;
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use moe_experts::SwiGlu;
-use moe_experts::hf::{TensorSource, load_moe_layer_from};
+use moe_experts::hf::load_moe_layer_from;
+use moe_experts::safetensors_source::TensorSource;
 
 use super::{CheckpointError, TensorStore};
 use crate::{Attention, DeepSeekConfig, DeepSeekModel, FeedForward, MlaAttention, MlaQuery, ModelConfigError};

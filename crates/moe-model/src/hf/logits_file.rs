@@ -1,7 +1,6 @@
 use std::path::Path;
 
-use moe_experts::MoeBackend;
-use moe_experts::hf::LoadError;
+use moe_experts::{LoadError, MoeBackend};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use super::CheckpointError;

@@ -7,7 +7,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use moe_experts::hf::{LoadError, TensorSource, decode_float};
+use moe_experts::LoadError;
+use moe_experts::safetensors_source::{TensorSource, decode_float};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
