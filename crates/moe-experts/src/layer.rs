@@ -18,7 +18,9 @@ pub enum DropPolicy {
     Probability,
 }
 
-/// Token dropping, for comparison with the dropless default.
+/// Token dropping, for comparison with the dropless default: the layer's setting, serialised
+/// with [`MoeLayerConfig`]. It is the dispatch plan's [`CapacityLimit`] ([`Self::limit`]) plus
+/// the [`DropPolicy`] that picks which pairs go first ([`Self::drop_policy`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case", tag = "mode")]
 pub enum CapacityConfig {
@@ -32,6 +34,24 @@ pub enum CapacityConfig {
         /// Which pairs go first.
         policy: DropPolicy,
     },
+}
+
+impl CapacityConfig {
+    /// The per-expert limit the dispatch plan applies (`MoeBackend::moe_plan`).
+    pub fn limit(self) -> CapacityLimit {
+        match self {
+            Self::Dropless => CapacityLimit::Dropless,
+            Self::Factor { factor, .. } => CapacityLimit::Factor(factor),
+        }
+    }
+
+    /// Which pairs a full expert drops first; `None` when dropless.
+    pub fn drop_policy(self) -> Option<DropPolicy> {
+        match self {
+            Self::Dropless => None,
+            Self::Factor { policy, .. } => Some(policy),
+        }
+    }
 }
 
 /// Configuration of a [`MoeLayer`].
@@ -199,15 +219,16 @@ impl<B: MoeBackend> MoeLayer<B> {
         // while the host enqueues the router and waits at the plan's read of the counts.
         let shared = self.shared.as_ref().map(|shared| shared.forward_moe(flat.clone()));
         let mut aux = self.route_flat(flat.clone(), dims);
-        let (limit, priority) = match self.capacity {
-            CapacityConfig::Dropless => (CapacityLimit::Dropless, None),
-            CapacityConfig::Factor { factor, policy } => (
-                CapacityLimit::Factor(factor),
-                (policy == DropPolicy::Probability).then(|| aux.weights.clone().detach()),
-            ),
-        };
-        let (routed, plan) =
-            self.experts.forward(flat.clone(), aux.expert_ids.clone(), aux.weights.clone(), limit, priority)?;
+        // Under the probability policy the plan drops the lowest routing weights first.
+        let priority =
+            (self.capacity.drop_policy() == Some(DropPolicy::Probability)).then(|| aux.weights.clone().detach());
+        let (routed, plan) = self.experts.forward(
+            flat.clone(),
+            aux.expert_ids.clone(),
+            aux.weights.clone(),
+            self.capacity.limit(),
+            priority,
+        )?;
         aux.dropped = plan.dropped();
         Ok((plus(routed, shared).reshape(dims), aux))
     }
