@@ -1,4 +1,5 @@
-//! The layer against HF transformers 5.17 (`tests/data/tiny_a`, see its README).
+//! The layer against HF transformers 5.17 (the workspace's one fixture,
+//! `crates/moe-model/tests/data/tiny_a`, see its README).
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
@@ -8,7 +9,7 @@ use safetensors::SafeTensors;
 
 type B = NdArray;
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tiny_a");
+const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../moe-model/tests/data/tiny_a");
 
 fn read(name: &str) -> Vec<u8> {
     std::fs::read(format!("{DIR}/{name}")).unwrap()
