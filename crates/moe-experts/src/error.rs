@@ -26,7 +26,7 @@ pub enum MoeError {
     },
     /// The routing could not be dispatched.
     #[error("dispatch: {0}")]
-    Kernel(#[from] moe_kernels::KernelError),
+    Plan(#[from] moe_kernels::PlanError),
 }
 
 /// Why an HF checkpoint's MoE keys or tensors could not be loaded ([`crate::hf`],

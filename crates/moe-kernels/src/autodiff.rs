@@ -14,7 +14,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Int, Tensor};
 
 use crate::portable::swiglu_by_grouped_matmuls;
-use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend, float_primitive, float_tensor};
+use crate::{CapacityLimit, DispatchLayout, DispatchPlan, MoeBackend, PlanError, float_primitive, float_tensor};
 
 impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     // The inner backend's layout: the backward below runs each segment on the inner backend,
@@ -31,7 +31,7 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         priority: Option<Tensor<Self, 2>>,
         num_experts: usize,
         limit: CapacityLimit,
-    ) -> Result<DispatchPlan<Self>, KernelError> {
+    ) -> Result<DispatchPlan<Self>, PlanError> {
         B::moe_plan(expert_ids.inner(), priority.map(Tensor::inner), num_experts, limit).map(DispatchPlan::from_inner)
     }
 

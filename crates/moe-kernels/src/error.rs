@@ -1,8 +1,8 @@
 use thiserror::Error;
 
-/// An input the kernels cannot dispatch.
+/// An input the dispatch plan cannot lay out (`MoeBackend::moe_plan`).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum KernelError {
+pub enum PlanError {
     /// An expert id outside `0..num_experts`.
     #[error("expert id {id} is out of range: expected 0..{num_experts}")]
     ExpertIdOutOfRange {

@@ -52,7 +52,7 @@ pub mod rotary;
 mod select;
 
 pub use adamw::AdamWStep;
-pub use error::KernelError;
+pub use error::PlanError;
 pub use gate::{GateRule, Gated, ScoreFunction};
 pub use plan::{CapacityLimit, DispatchLayout, DispatchPlan};
 pub use select::{Selection, mask_groups, top_k_lowest_id};
@@ -82,7 +82,7 @@ pub trait MoeBackend: Backend {
         priority: Option<Tensor<Self, 2>>,
         num_experts: usize,
         limit: CapacityLimit,
-    ) -> Result<DispatchPlan<Self>, KernelError> {
+    ) -> Result<DispatchPlan<Self>, PlanError> {
         portable::plan(expert_ids, priority, num_experts, limit, Self::layout())
     }
 

@@ -10,7 +10,7 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, backend::Backend};
 
 use burn::tensor::activation::{sigmoid, silu};
 
-use crate::{CapacityLimit, DispatchLayout, DispatchPlan, KernelError, MoeBackend};
+use crate::{CapacityLimit, DispatchLayout, DispatchPlan, MoeBackend, PlanError};
 
 /// See [`crate::MoeBackend::moe_plan`].
 pub fn plan<B: Backend>(
@@ -19,7 +19,7 @@ pub fn plan<B: Backend>(
     num_experts: usize,
     limit: CapacityLimit,
     layout: DispatchLayout,
-) -> Result<DispatchPlan<B>, KernelError> {
+) -> Result<DispatchPlan<B>, PlanError> {
     plan_with_kernels(expert_ids, priority, num_experts, limit, layout, None)
 }
 
@@ -60,20 +60,20 @@ pub fn plan_with_kernels<B: Backend>(
     limit: CapacityLimit,
     layout: DispatchLayout,
     kernels: Option<PlanKernels<B>>,
-) -> Result<DispatchPlan<B>, KernelError> {
+) -> Result<DispatchPlan<B>, PlanError> {
     if num_experts == 0 {
-        return Err(KernelError::NoExperts);
+        return Err(PlanError::NoExperts);
     }
     let [tokens, top_k] = expert_ids.dims();
     if let Some(p) = &priority
         && p.dims() != [tokens, top_k]
     {
-        return Err(KernelError::PriorityShape { priority: p.dims(), ids: [tokens, top_k] });
+        return Err(PlanError::PriorityShape { priority: p.dims(), ids: [tokens, top_k] });
     }
     let device = expert_ids.device();
     let pairs = tokens * top_k;
     if (num_experts as u64) * (pairs as u64) >= 1 << 31 {
-        return Err(KernelError::TooManyPairs { pairs, num_experts });
+        return Err(PlanError::TooManyPairs { pairs, num_experts });
     }
     if pairs == 0 {
         let zeros = Tensor::<B, 1, Int>::zeros([num_experts], &device);
@@ -113,10 +113,10 @@ pub fn plan_with_kernels<B: Backend>(
     let host: Vec<i64> = summary.clone().into_data().iter::<i64>().collect();
     let (min_id, max_id) = (host[num_experts], host[num_experts + 1]);
     if min_id < 0 {
-        return Err(KernelError::ExpertIdOutOfRange { id: min_id, num_experts });
+        return Err(PlanError::ExpertIdOutOfRange { id: min_id, num_experts });
     }
     if max_id >= num_experts as i64 {
-        return Err(KernelError::ExpertIdOutOfRange { id: max_id, num_experts });
+        return Err(PlanError::ExpertIdOutOfRange { id: max_id, num_experts });
     }
     // Every id is in `0..E` from here on.
     let counts: Vec<usize> = host[..num_experts].iter().map(|&c| c as usize).collect();
@@ -524,14 +524,14 @@ mod tests {
         // built: the check runs first.
         let ids = Tensor::<B, 2, Int>::zeros([1 << 16, 1], &Default::default());
         let err = plan::<B>(ids, None, 1 << 15, CapacityLimit::Dropless, DispatchLayout::Padded).unwrap_err();
-        assert_eq!(err, KernelError::TooManyPairs { pairs: 1 << 16, num_experts: 1 << 15 });
+        assert_eq!(err, PlanError::TooManyPairs { pairs: 1 << 16, num_experts: 1 << 15 });
     }
 
     #[test]
     fn out_of_range_id_is_a_typed_error() {
         let err = plan::<B>(ids(&[[0, 5]]), None, 4, CapacityLimit::Dropless, DispatchLayout::Padded).unwrap_err();
-        assert_eq!(err, KernelError::ExpertIdOutOfRange { id: 5, num_experts: 4 });
+        assert_eq!(err, PlanError::ExpertIdOutOfRange { id: 5, num_experts: 4 });
         let err = plan::<B>(ids(&[[-1, 0]]), None, 4, CapacityLimit::Dropless, DispatchLayout::Padded).unwrap_err();
-        assert_eq!(err, KernelError::ExpertIdOutOfRange { id: -1, num_experts: 4 });
+        assert_eq!(err, PlanError::ExpertIdOutOfRange { id: -1, num_experts: 4 });
     }
 }

@@ -9,7 +9,7 @@ use burn_fusion::{Fusion, FusionBackend};
 use super::settings::kernels_enabled;
 use super::{MoeCubeKernels, attention, gemm};
 use crate::{
-    AdamWStep, CapacityLimit, DispatchLayout, DispatchPlan, GateRule, Gated, KernelError, MoeBackend, ScoreFunction,
+    AdamWStep, CapacityLimit, DispatchLayout, DispatchPlan, GateRule, Gated, MoeBackend, PlanError, ScoreFunction,
     Selection, float_primitive, float_tensor, portable,
 };
 
@@ -37,7 +37,7 @@ macro_rules! cube_moe_methods {
             priority: Option<Tensor<Self, 2>>,
             num_experts: usize,
             limit: CapacityLimit,
-        ) -> Result<DispatchPlan<Self>, KernelError> {
+        ) -> Result<DispatchPlan<Self>, PlanError> {
             if !kernels_enabled() {
                 return portable::plan(expert_ids, priority, num_experts, limit, Self::layout());
             }
